@@ -1,0 +1,81 @@
+// Building blocks of the CPU sequence loops: runtime ISA dispatch of the pointwise row kernels,
+// row parallelism, and the previous-step gather used by every cell's backward.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <cstring>
+
+#include "../rnn_common.h"
+
+// The pointwise row kernels are compiled once per ISA level and picked at load time (GCC function
+// multi-versioning), so a portable wheel still runs AVX-512/AVX2 gate loops where the CPU has them.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(TIMEREC_NO_CLONES)
+#define TRF_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define TRF_CPU_CLONES
+#endif
+
+#define TRF_ALWAYS_INLINE inline __attribute__((always_inline))
+
+namespace timerec::cpu {
+
+// Runs fn(row_begin, row_end) over [0, rows), in parallel when the step has enough work to pay for
+// waking the thread pool (a B=1 step must stay on one thread).
+template <typename F>
+void for_rows(int64_t rows, int64_t row_width, const F& fn) {
+  constexpr int64_t kSerialElements = 16384;
+  if (rows * row_width <= kSerialElements || at::get_num_threads() == 1) {
+    fn(0, rows);
+    return;
+  }
+  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(row_width, 1));
+  at::parallel_for(0, rows, grain, fn);
+}
+
+// Pointer to the row holding the previous state of row b at processed step k: the row of the step
+// processed before k when the sequence continues, else the initial state.
+template <typename T>
+struct PrevRows {
+  const T* carried_block;  // rows of step k-1 (processing order), nullptr at k = 0
+  int64_t carried;         // rows [0, carried) continue from carried_block
+  const T* init;           // (B, width) initial state
+  int64_t width;
+  const T* row(int64_t b) const {
+    return b < carried ? carried_block + b * width : init + b * width;
+  }
+};
+
+template <typename T>
+PrevRows<T> prev_rows(const Schedule& s, int64_t k, const T* all_rows, const T* init,
+                      int64_t width) {
+  if (k == 0) return {nullptr, 0, init, width};
+  const int64_t tp = s.time_at(k - 1);
+  return {all_rows + s.offsets[tp] * width, s.carried_rows(k), init, width};
+}
+
+// (N, width) matrix of the state each row started its step from: the right operand of the
+// recurrent-weight gradient GEMM dW_hh = dGates^T @ prev.
+template <typename T>
+void gather_prev_states(const Schedule& s, const T* all_rows, const T* init, int64_t width,
+                        T* out) {
+  for (int64_t k = 0; k < s.steps; ++k) {
+    const int64_t t = s.time_at(k);
+    const auto prev = prev_rows(s, k, all_rows, init, width);
+    T* dst = out + s.offsets[t] * width;
+    const int64_t bs = s.batch_sizes[t];
+    if (prev.carried > 0) std::memcpy(dst, prev.carried_block, prev.carried * width * sizeof(T));
+    if (bs > prev.carried)
+      std::memcpy(dst + prev.carried * width, init + prev.carried * width,
+                  (bs - prev.carried) * width * sizeof(T));
+  }
+}
+
+inline void check_cpu_dtype(const at::Tensor& input, const char* op) {
+  TORCH_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble,
+              "timerec_fast.", op, " on the CPU supports float32 and float64, got ",
+              input.scalar_type(), " (convert the module and input with .float())");
+}
+
+}  // namespace timerec::cpu

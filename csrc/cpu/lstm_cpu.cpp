@@ -1,0 +1,259 @@
+// LSTM layer, CPU: input projection for all steps as one GEMM, then per step one recurrent GEMM
+// (accumulated into the precomputed gates) and one fused pointwise pass; backward is BPTT with the
+// same structure, and the weight/input gradients as large GEMMs after the loop.
+#include <torch/library.h>
+
+#include "../include/timerec/lstm_cell.h"
+#include "cpu_blas.h"
+#include "cpu_kernels.h"
+
+namespace timerec::cpu {
+namespace {
+
+// ---- pointwise row kernels -------------------------------------------------------------------
+
+template <typename T>
+TRF_ALWAYS_INLINE void lstm_forward_rows_impl(int64_t r0, int64_t r1, int64_t H, T* gates,
+                                              T* c_state, T* cells, T* h_out, T* h_state) {
+  for (int64_t b = r0; b < r1; ++b) {
+    T* g = gates + b * 4 * H;
+    T* cs = c_state + b * H;
+    T* cl = cells + b * H;
+    T* ho = h_out + b * H;
+#pragma GCC ivdep
+    for (int64_t j = 0; j < H; ++j) {
+      T c, h;
+      lstm_cell_forward(g[j], g[H + j], g[2 * H + j], g[3 * H + j], cs[j], c, h);
+      cs[j] = c;
+      cl[j] = c;
+      ho[j] = h;
+    }
+    if (h_state != nullptr) std::memcpy(h_state + b * H, ho, H * sizeof(T));
+  }
+}
+
+// dh = dh_a + dh_b (dh_b may be null: the projected path has already summed them).
+template <typename T>
+TRF_ALWAYS_INLINE void lstm_backward_rows_impl(int64_t r0, int64_t r1, int64_t H, const T* gates,
+                                               const T* cells, PrevRows<T> c_prev,
+                                               const T* dh_a, int64_t ld_a, const T* dh_b,
+                                               int64_t ld_b, T* dc_state, T* dgates) {
+  for (int64_t b = r0; b < r1; ++b) {
+    const T* g = gates + b * 4 * H;
+    const T* cl = cells + b * H;
+    const T* cp = c_prev.row(b);
+    const T* da = dh_a + b * ld_a;
+    const T* db = dh_b != nullptr ? dh_b + b * ld_b : nullptr;
+    T* dc = dc_state + b * H;
+    T* dg = dgates + b * 4 * H;
+#pragma GCC ivdep
+    for (int64_t j = 0; j < H; ++j) {
+      const T dh = db != nullptr ? da[j] + db[j] : da[j];
+      T dcp;
+      lstm_cell_backward(g[j], g[H + j], g[2 * H + j], g[3 * H + j], cp[j], cl[j], dh, dc[j],
+                         dg[j], dg[H + j], dg[2 * H + j], dg[3 * H + j], dcp);
+      dc[j] = dcp;
+    }
+  }
+}
+
+#define TRF_DEFINE_LSTM_ROWS(T)                                                                  \
+  TRF_CPU_CLONES void lstm_forward_rows(int64_t r0, int64_t r1, int64_t H, T* gates,             \
+                                        T* c_state, T* cells, T* h_out, T* h_state) {            \
+    lstm_forward_rows_impl<T>(r0, r1, H, gates, c_state, cells, h_out, h_state);                 \
+  }                                                                                              \
+  TRF_CPU_CLONES void lstm_backward_rows(int64_t r0, int64_t r1, int64_t H, const T* gates,      \
+                                         const T* cells, PrevRows<T> c_prev, const T* dh_a,      \
+                                         int64_t ld_a, const T* dh_b, int64_t ld_b,              \
+                                         T* dc_state, T* dgates) {                               \
+    lstm_backward_rows_impl<T>(r0, r1, H, gates, cells, c_prev, dh_a, ld_a, dh_b, ld_b,          \
+                               dc_state, dgates);                                                \
+  }
+TRF_DEFINE_LSTM_ROWS(float)
+TRF_DEFINE_LSTM_ROWS(double)
+#undef TRF_DEFINE_LSTM_ROWS
+
+// ---- sequence loops --------------------------------------------------------------------------
+
+template <typename T>
+void lstm_forward_loop(const Schedule& s, int64_t H, int64_t P, const T* w_hh, const T* w_hr,
+                       T* gates, T* cells, T* hpre, T* out, T* h_state, T* c_state) {
+  const int64_t G = 4 * H;
+  for (int64_t k = 0; k < s.steps; ++k) {
+    const int64_t t = s.time_at(k);
+    const int64_t bs = s.batch_sizes[t];
+    const int64_t off = s.offsets[t];
+    T* g = gates + off * G;
+    gemm<T>(false, true, bs, G, P, T(1), h_state, P, w_hh, P, T(1), g, G);  // g += h W_hh^T
+    T* h_dst = w_hr != nullptr ? hpre + off * H : out + off * P;
+    T* h_copy = w_hr != nullptr ? nullptr : h_state;
+    for_rows(bs, G, [&](int64_t r0, int64_t r1) {
+      lstm_forward_rows(r0, r1, H, g, c_state, cells + off * H, h_dst, h_copy);
+    });
+    if (w_hr != nullptr) {  // h = (o * tanh(c)) W_hr^T
+      gemm<T>(false, true, bs, P, H, T(1), h_dst, H, w_hr, H, T(0), out + off * P, P);
+      std::memcpy(h_state, out + off * P, bs * P * sizeof(T));
+    }
+  }
+}
+
+template <typename T>
+void lstm_backward_loop(const Schedule& s, int64_t H, int64_t P, const T* w_hh, const T* w_hr,
+                        const T* gates, const T* cells, const T* c0, const T* grad_out,
+                        T* dh_state, T* dc_state, T* dgates, T* dy, T* dhpre) {
+  const int64_t G = 4 * H;
+  for (int64_t k = s.steps - 1; k >= 0; --k) {
+    const int64_t t = s.time_at(k);
+    const int64_t bs = s.batch_sizes[t];
+    const int64_t off = s.offsets[t];
+    const auto c_prev = prev_rows(s, k, cells, c0, H);
+    const T* gy = grad_out + off * P;
+    T* dg = dgates + off * G;
+    if (w_hr != nullptr) {
+      // dy = dL/dh_t (output + recurrence); the cell sees dy W_hr.
+      T* dyt = dy + off * P;
+      for (int64_t i = 0; i < bs * P; ++i) dyt[i] = dh_state[i] + gy[i];
+      gemm<T>(false, false, bs, H, P, T(1), dyt, P, w_hr, H, T(0), dhpre, H);
+      for_rows(bs, G, [&](int64_t r0, int64_t r1) {
+        lstm_backward_rows(r0, r1, H, gates + off * G, cells + off * H, c_prev, dhpre, H,
+                           static_cast<const T*>(nullptr), 0, dc_state, dg);
+      });
+    } else {
+      for_rows(bs, G, [&](int64_t r0, int64_t r1) {
+        lstm_backward_rows(r0, r1, H, gates + off * G, cells + off * H, c_prev, dh_state, P, gy,
+                           P, dc_state, dg);
+      });
+    }
+    gemm<T>(false, false, bs, P, G, T(1), dg, G, w_hh, P, T(0), dh_state, P);  // dh_prev
+  }
+}
+
+// ---- ops ---------------------------------------------------------------------------------------
+
+struct LstmShapes {
+  int64_t N, I, B, H, P;
+  bool proj;
+};
+
+LstmShapes check_lstm_args(const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0,
+                           const at::Tensor& w_ih, const at::Tensor& w_hh,
+                           const c10::optional<at::Tensor>& w_hr) {
+  TORCH_CHECK(input.dim() == 2, "timerec_fast.lstm: input must be 2-D (rows, features), got ",
+              input.sizes());
+  TORCH_CHECK(h0.dim() == 2 && c0.dim() == 2, "timerec_fast.lstm: h0 and c0 must be 2-D, got ",
+              h0.sizes(), " and ", c0.sizes());
+  LstmShapes d;
+  d.N = input.size(0);
+  d.I = input.size(1);
+  d.B = h0.size(0);
+  d.H = c0.size(1);
+  d.proj = w_hr.has_value();
+  d.P = d.proj ? w_hr->size(0) : d.H;
+  check_matrix(h0, "h0", d.B, d.P, input);
+  check_matrix(c0, "c0", d.B, d.H, input);
+  check_matrix(w_ih, "w_ih", 4 * d.H, d.I, input);
+  check_matrix(w_hh, "w_hh", 4 * d.H, d.P, input);
+  if (d.proj) check_matrix(*w_hr, "w_hr", d.P, d.H, input);
+  return d;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+lstm_forward_cpu(const at::Tensor& input, const at::Tensor& batch_sizes, const at::Tensor& h0,
+                 const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                 const c10::optional<at::Tensor>& b_ih, const c10::optional<at::Tensor>& b_hh,
+                 const c10::optional<at::Tensor>& w_hr, bool reverse) {
+  check_cpu_dtype(input, "LSTM");
+  const auto d = check_lstm_args(input, h0, c0, w_ih, w_hh, w_hr);
+  check_vector(b_ih, "b_ih", 4 * d.H, input);
+  check_vector(b_hh, "b_hh", 4 * d.H, input);
+  const Schedule s = make_schedule(batch_sizes, d.N, d.B, reverse);
+
+  // Input projection for every step at once, biases folded in.
+  at::Tensor gates;
+  if (b_ih.has_value() || b_hh.has_value()) {
+    at::Tensor bias = b_ih.has_value() && b_hh.has_value() ? *b_ih + *b_hh
+                                                            : (b_ih.has_value() ? *b_ih : *b_hh);
+    gates = at::addmm(bias, input, w_ih.t());
+  } else {
+    gates = at::mm(input, w_ih.t());
+  }
+  gates = gates.contiguous();
+  auto opts = input.options();
+  at::Tensor cells = at::empty({d.N, d.H}, opts);
+  at::Tensor out = at::empty({d.N, d.P}, opts);
+  at::Tensor hpre = d.proj ? at::empty({d.N, d.H}, opts) : at::empty({0}, opts);
+  at::Tensor h_state = h0.clone(at::MemoryFormat::Contiguous);
+  at::Tensor c_state = c0.clone(at::MemoryFormat::Contiguous);
+  at::Tensor w_hh_c = w_hh.contiguous();
+  at::Tensor w_hr_c = d.proj ? w_hr->contiguous() : at::Tensor();
+
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "timerec_fast_lstm_forward", [&] {
+    lstm_forward_loop<scalar_t>(s, d.H, d.P, w_hh_c.data_ptr<scalar_t>(),
+                                d.proj ? w_hr_c.data_ptr<scalar_t>() : nullptr,
+                                gates.data_ptr<scalar_t>(), cells.data_ptr<scalar_t>(),
+                                d.proj ? hpre.data_ptr<scalar_t>() : nullptr,
+                                out.data_ptr<scalar_t>(), h_state.data_ptr<scalar_t>(),
+                                c_state.data_ptr<scalar_t>());
+  });
+  return {out, h_state, c_state, gates, cells, hpre};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+lstm_backward_cpu(const c10::optional<at::Tensor>& grad_output,
+                  const c10::optional<at::Tensor>& grad_h_n,
+                  const c10::optional<at::Tensor>& grad_c_n, const at::Tensor& input,
+                  const at::Tensor& batch_sizes, const at::Tensor& h0, const at::Tensor& c0,
+                  const at::Tensor& w_ih, const at::Tensor& w_hh,
+                  const c10::optional<at::Tensor>& w_hr, const at::Tensor& output,
+                  const at::Tensor& gates, const at::Tensor& cells, const at::Tensor& hpre,
+                  bool reverse, bool input_grad) {
+  check_cpu_dtype(input, "LSTM");
+  const auto d = check_lstm_args(input, h0, c0, w_ih, w_hh, w_hr);
+  const Schedule s = make_schedule(batch_sizes, d.N, d.B, reverse);
+  const int64_t G = 4 * d.H;
+  check_matrix(gates, "gates", d.N, G, input);
+  check_matrix(cells, "cells", d.N, d.H, input);
+  check_matrix(output, "output", d.N, d.P, input);
+  if (d.proj) check_matrix(hpre, "hpre", d.N, d.H, input);
+
+  auto opts = input.options();
+  at::Tensor gy = grad_or_zeros(grad_output, {d.N, d.P}, input);
+  at::Tensor dh_state = grad_or_zeros(grad_h_n, {d.B, d.P}, input).clone(at::MemoryFormat::Contiguous);
+  at::Tensor dc_state = grad_or_zeros(grad_c_n, {d.B, d.H}, input).clone(at::MemoryFormat::Contiguous);
+  at::Tensor dgates = at::empty({d.N, G}, opts);
+  at::Tensor dy = d.proj ? at::empty({d.N, d.P}, opts) : at::Tensor();
+  at::Tensor dhpre = d.proj ? at::empty({d.B, d.H}, opts) : at::Tensor();
+  at::Tensor gates_c = gates.contiguous(), cells_c = cells.contiguous(), c0_c = c0.contiguous();
+  at::Tensor w_hh_c = w_hh.contiguous();
+  at::Tensor w_hr_c = d.proj ? w_hr->contiguous() : at::Tensor();
+  at::Tensor h_prev = at::empty({d.N, d.P}, opts);
+  at::Tensor out_c = output.contiguous(), h0_c = h0.contiguous();
+
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "timerec_fast_lstm_backward", [&] {
+    lstm_backward_loop<scalar_t>(
+        s, d.H, d.P, w_hh_c.data_ptr<scalar_t>(), d.proj ? w_hr_c.data_ptr<scalar_t>() : nullptr,
+        gates_c.data_ptr<scalar_t>(), cells_c.data_ptr<scalar_t>(), c0_c.data_ptr<scalar_t>(),
+        gy.data_ptr<scalar_t>(), dh_state.data_ptr<scalar_t>(), dc_state.data_ptr<scalar_t>(),
+        dgates.data_ptr<scalar_t>(), d.proj ? dy.data_ptr<scalar_t>() : nullptr,
+        d.proj ? dhpre.data_ptr<scalar_t>() : nullptr);
+    gather_prev_states<scalar_t>(s, out_c.data_ptr<scalar_t>(), h0_c.data_ptr<scalar_t>(), d.P,
+                                 h_prev.data_ptr<scalar_t>());
+  });
+
+  // Weight and input gradients: one large GEMM each over all steps.
+  at::Tensor grad_input = input_grad ? at::mm(dgates, w_ih) : at::empty({0}, opts);
+  at::Tensor grad_w_ih = at::mm(dgates.t(), input);
+  at::Tensor grad_w_hh = at::mm(dgates.t(), h_prev);
+  at::Tensor grad_bias = dgates.sum(0);
+  at::Tensor grad_w_hr = d.proj ? at::mm(dy.t(), hpre) : at::empty({0}, opts);
+  return {grad_input, dh_state, dc_state, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(timerec_fast, CPU, m) {
+  m.impl("lstm_forward", &lstm_forward_cpu);
+  m.impl("lstm_backward", &lstm_backward_cpu);
+}
+
+}  // namespace timerec::cpu

@@ -1,0 +1,90 @@
+// Framework-independent activation functions shared by the CPU loops and the CUDA kernels.
+//
+// On the host, float uses branch-free polynomial exp/tanh (Cephes-style, ~1 ulp) so that the
+// per-step gate loops vectorize; double uses the libm functions (fp64 is the reference/gradcheck
+// precision). On the device, the CUDA libm functions are used for every type.
+// NaN inputs give NaN outputs on every path (never clamped away).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define TRF_HD __host__ __device__ __forceinline__
+#else
+#define TRF_HD inline __attribute__((always_inline))
+#endif
+
+namespace timerec {
+
+#if !defined(__CUDA_ARCH__)
+// exp(x) for float, vectorizable: range reduction x = n ln2 + r, degree-6 polynomial for e^r.
+inline __attribute__((always_inline)) float exp_poly(float x) {
+  const float hi = 88.0f, lo = -87.0f;
+  float xc = x > hi ? hi : x;  // comparisons written so NaN passes through unchanged
+  xc = xc < lo ? lo : xc;
+  float fx = std::floor(xc * 1.44269504088896341f + 0.5f);
+  float r = xc - fx * 0.693359375f + fx * 2.12194440e-4f;
+  float y = 1.9875691500E-4f;
+  y = y * r + 1.3981999507E-3f;
+  y = y * r + 8.3334519073E-3f;
+  y = y * r + 4.1665795894E-2f;
+  y = y * r + 1.6666665459E-1f;
+  y = y * r + 5.0000001201E-1f;
+  y = y * r * r + r + 1.0f;
+  int32_t bits = (static_cast<int32_t>(fx) + 127) << 23;
+  float pow2n;
+  std::memcpy(&pow2n, &bits, sizeof(float));
+  float result = y * pow2n;
+  return x != x ? x : result;
+}
+
+inline __attribute__((always_inline)) float tanh_poly(float x) {
+  float ax = std::fabs(x);
+  // |x| < 0.625: odd polynomial (no cancellation near 0); else 1 - 2/(e^{2|x|}+1) with the sign.
+  float z = x * x;
+  float small = ((((-5.70498872745E-3f * z + 2.06390887954E-2f) * z - 5.37397155531E-2f) * z +
+                  1.33314422036E-1f) * z - 3.33332819422E-1f) * z * x + x;
+  float e = exp_poly(2.0f * ax);
+  float large = 1.0f - 2.0f / (e + 1.0f);
+  large = x < 0.0f ? -large : large;
+  float result = ax < 0.625f ? small : large;
+  return x != x ? x : result;
+}
+#endif
+
+TRF_HD float sigmoid_act(float x) {
+#if defined(__CUDA_ARCH__)
+  return 1.0f / (1.0f + expf(-x));
+#else
+  return 1.0f / (1.0f + exp_poly(-x));
+#endif
+}
+
+TRF_HD double sigmoid_act(double x) { return 1.0 / (1.0 + exp(-x)); }
+
+TRF_HD float tanh_act(float x) {
+#if defined(__CUDA_ARCH__)
+  return tanhf(x);
+#else
+  return tanh_poly(x);
+#endif
+}
+
+TRF_HD double tanh_act(double x) { return tanh(x); }
+
+TRF_HD float exp_act(float x) {
+#if defined(__CUDA_ARCH__)
+  return expf(x);
+#else
+  return exp_poly(x);
+#endif
+}
+
+TRF_HD double exp_act(double x) { return exp(x); }
+
+TRF_HD float log_act(float x) { return logf(x); }
+TRF_HD double log_act(double x) { return log(x); }
+
+}  // namespace timerec

@@ -1,0 +1,92 @@
+// Host-side helpers shared by every cell and device: the packed-sequence schedule and argument checks.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace timerec {
+
+// cuDNN-style packed layout: step t owns rows [offset[t], offset[t] + batch_sizes[t]) of the
+// (N, features) data, batch_sizes non-increasing. A padded time-major (T, B) batch is the special
+// case batch_sizes = [B] * T, so one code path serves both and no compute is spent on padding.
+struct Schedule {
+  std::vector<int64_t> batch_sizes;
+  std::vector<int64_t> offsets;
+  int64_t steps = 0;
+  int64_t rows = 0;
+  int64_t batch = 0;
+  bool reverse = false;
+
+  // Time index of the k-th processed step.
+  int64_t time_at(int64_t k) const { return reverse ? steps - 1 - k : k; }
+  // How many rows of the k-th processed step continue a sequence from the step processed before
+  // it; the remaining rows start from the initial state.
+  int64_t carried_rows(int64_t k) const {
+    if (k == 0) return 0;
+    return std::min(batch_sizes[time_at(k)], batch_sizes[time_at(k - 1)]);
+  }
+};
+
+inline Schedule make_schedule(const at::Tensor& batch_sizes, int64_t rows, int64_t batch,
+                              bool reverse) {
+  TORCH_CHECK(batch_sizes.dim() == 1,
+              "timerec_fast: batch_sizes must be 1-D, got ", batch_sizes.dim(), "-D");
+  TORCH_CHECK(batch_sizes.device().is_cpu() && batch_sizes.scalar_type() == at::kLong,
+              "timerec_fast: batch_sizes must be an int64 CPU tensor (as in PackedSequence), got ",
+              batch_sizes.scalar_type(), " on ", batch_sizes.device());
+  Schedule s;
+  s.steps = batch_sizes.size(0);
+  s.rows = rows;
+  s.batch = batch;
+  s.reverse = reverse;
+  auto bs = batch_sizes.contiguous();
+  const int64_t* p = bs.data_ptr<int64_t>();
+  s.batch_sizes.assign(p, p + s.steps);
+  s.offsets.resize(s.steps);
+  int64_t total = 0;
+  for (int64_t t = 0; t < s.steps; ++t) {
+    TORCH_CHECK(p[t] > 0, "timerec_fast: batch_sizes must be positive (empty sequences are not "
+                "allowed), got batch_sizes[", t, "] = ", p[t]);
+    TORCH_CHECK(t == 0 || p[t] <= p[t - 1],
+                "timerec_fast: batch_sizes must be non-increasing, got batch_sizes[", t - 1,
+                "] = ", p[t - 1], " < batch_sizes[", t, "] = ", p[t]);
+    s.offsets[t] = total;
+    total += p[t];
+  }
+  TORCH_CHECK(total == rows, "timerec_fast: batch_sizes sum to ", total,
+              " but the input has ", rows, " rows");
+  TORCH_CHECK(s.steps == 0 || p[0] == batch, "timerec_fast: batch_sizes[0] = ",
+              s.steps ? p[0] : 0, " must equal the batch size of the initial state, ", batch);
+  return s;
+}
+
+inline void check_matrix(const at::Tensor& t, const char* name, int64_t rows, int64_t cols,
+                         const at::Tensor& like) {
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols, "timerec_fast: ", name,
+              " must have shape (", rows, ", ", cols, "), got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), "timerec_fast: ", name, " must have dtype ",
+              like.scalar_type(), " like the input, got ", t.scalar_type());
+  TORCH_CHECK(t.device() == like.device(), "timerec_fast: ", name, " must be on ", like.device(),
+              " like the input, got ", t.device());
+}
+
+inline void check_vector(const c10::optional<at::Tensor>& t, const char* name, int64_t size,
+                         const at::Tensor& like) {
+  if (!t.has_value()) return;
+  TORCH_CHECK(t->dim() == 1 && t->size(0) == size, "timerec_fast: ", name,
+              " must have shape (", size, "), got ", t->sizes());
+  TORCH_CHECK(t->scalar_type() == like.scalar_type() && t->device() == like.device(),
+              "timerec_fast: ", name, " must be ", like.scalar_type(), " on ", like.device(),
+              ", got ", t->scalar_type(), " on ", t->device());
+}
+
+// Gradient tensors from autograd may be absent (None) when an output was not used.
+inline at::Tensor grad_or_zeros(const c10::optional<at::Tensor>& g, at::IntArrayRef shape,
+                                const at::Tensor& like) {
+  if (g.has_value() && g->defined()) return g->contiguous();
+  return at::zeros(shape, like.options());
+}
+
+}  // namespace timerec

@@ -1,0 +1,9 @@
+"""timerec_fast: fused whole-sequence recurrent cells for PyTorch (drop-in LSTM, GRU) and
+time-aware cells (TimeLSTM) for next-item recommendation."""
+__version__ = "0.1.0"
+
+from . import ops  # noqa: F401  (loads the extension, registers autograd and fake kernels)
+from .patch import patch_torch, patched_torch, unpatch_torch
+from .rnn import LSTM, LSTMCell
+
+__all__ = ["LSTM", "LSTMCell", "patch_torch", "unpatch_torch", "patched_torch", "ops"]

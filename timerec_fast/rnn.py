@@ -1,0 +1,244 @@
+"""Drop-in recurrent modules on the fused whole-sequence ops.
+
+Everything about stacking is here, once, for every cell: input layouts (batched, unbatched,
+batch_first, PackedSequence sorted or not), initial states, layers, directions and inter-layer
+dropout. A cell only says how to run one layer in one direction (``_layer``).
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence
+
+from . import ops
+
+# The torch.nn classes, captured before any patch_torch() so subclasses and the undo stay correct.
+TorchLSTM = nn.LSTM
+TorchLSTMCell = nn.LSTMCell
+
+
+def _suffix(layer, direction):
+    return f"_l{layer}" + ("_reverse" if direction == 1 else "")
+
+
+def _check_packed(data, batch_sizes, name):
+    if batch_sizes.dim() != 1 or batch_sizes.numel() == 0:
+        raise ValueError(f"{name}: PackedSequence.batch_sizes must be a non-empty 1-D tensor, "
+                         f"got shape {tuple(batch_sizes.shape)}")
+    if batch_sizes.device.type != "cpu" or batch_sizes.dtype != torch.int64:
+        raise ValueError(f"{name}: PackedSequence.batch_sizes must be int64 on the CPU, got "
+                         f"{batch_sizes.dtype} on {batch_sizes.device}")
+    if not torch.compiler.is_compiling():
+        if bool((batch_sizes <= 0).any()):
+            raise ValueError(f"{name}: PackedSequence holds empty sequences (batch_sizes "
+                             f"{batch_sizes.tolist()}); every sequence needs at least one step")
+        total = int(batch_sizes.sum())
+        if data.dim() >= 1 and total != data.shape[0]:
+            raise ValueError(f"{name}: PackedSequence.batch_sizes sum to {total} but data has "
+                             f"{data.shape[0]} rows")
+
+
+def _time_major_rows(t, batch_first):
+    """(T, B, ...) or (B, T, ...) -> (T*B, ...) rows in packed (time-major) order."""
+    if batch_first:
+        t = t.transpose(0, 1)
+    return t.reshape((t.shape[0] * t.shape[1],) + tuple(t.shape[2:]))
+
+
+class _FusedRNNMixin:
+    """Shared forward for the fused modules.
+
+    Subclasses define ``_cell_name``, ``_state_sizes()`` (width of each state tensor),
+    ``_layer(x, batch_sizes, states, layer, direction, extra)`` and ``_check_args``.
+    States travel as a tuple internally: (h,) for GRU, (h, c) for the LSTMs.
+    """
+
+    _cell_name = "RNN"
+    _extra_name = None  # name of the per-step side input (TimeLSTM: "delta_t")
+
+    def _pack_states(self, states):
+        return states if len(states) > 1 else states[0]
+
+    def _unpack_states(self, hx):
+        return tuple(hx) if isinstance(hx, (tuple, list)) else (hx,)
+
+    def _check_state_meta(self, states, x):
+        for i, s in enumerate(states):
+            if s.dtype != x.dtype or s.device != x.device:
+                label = f"hx[{i}]" if len(states) > 1 else "hx"
+                raise RuntimeError(
+                    f"{self._cell_name}: {label} must be {x.dtype} on {x.device} like the input, "
+                    f"got {s.dtype} on {s.device}")
+
+    def _fused_forward(self, input, hx=None, extra=None):
+        name = self._cell_name
+        is_packed = isinstance(input, PackedSequence)
+        if is_packed:
+            data, batch_sizes, sorted_indices, unsorted_indices = input
+            _check_packed(data, batch_sizes, name)
+            is_batched = True
+            batch = int(batch_sizes[0])
+            x = data
+        else:
+            if input.dim() not in (2, 3):
+                raise ValueError(f"{name}: Expected input to be 2D or 3D, got {input.dim()}D instead")
+            is_batched = input.dim() == 3
+            batch_dim = 0 if self.batch_first else 1
+            if not is_batched:
+                input = input.unsqueeze(batch_dim)
+            sorted_indices = unsorted_indices = None
+            batch_sizes = None
+            batch = input.shape[batch_dim]
+            x = input
+
+        num_directions = 2 if self.bidirectional else 1
+        if hx is None:
+            states = tuple(
+                torch.zeros(self.num_layers * num_directions, batch, w, dtype=x.dtype,
+                            device=x.device) for w in self._state_sizes())
+        else:
+            states = self._unpack_states(hx)
+            want = 3 if is_batched else 2
+            if any(s.dim() != want for s in states):
+                dims = ", ".join(f"{s.dim()}-D" for s in states)
+                kind = "batched 3-D" if is_batched else "unbatched 2-D"
+                raise RuntimeError(f"{name}: for {kind} input, hx should also be {want}-D but got "
+                                   f"({dims}) tensors")
+            if not is_batched:
+                states = tuple(s.unsqueeze(1) for s in states)
+        self._check_args(x, self._pack_states(states), batch_sizes)
+        self._check_state_meta(states, x)
+        if sorted_indices is not None and hx is not None:
+            states = tuple(s.index_select(1, sorted_indices) for s in states)
+
+        extra_rows = None
+        if self._extra_name is not None:
+            extra_rows = self._extra_rows(extra, input, x, is_packed, is_batched)
+
+        if is_packed:
+            rows = x
+        else:
+            rows = _time_major_rows(x, self.batch_first)
+            steps = x.shape[1] if self.batch_first else x.shape[0]
+            batch_sizes = torch.full((steps,), batch, dtype=torch.int64)
+
+        out, finals = self._run_layers(rows, batch_sizes, states, extra_rows)
+
+        if unsorted_indices is not None:
+            finals = tuple(s.index_select(1, unsorted_indices) for s in finals)
+        if is_packed:
+            return PackedSequence(out, batch_sizes, sorted_indices, unsorted_indices), \
+                self._pack_states(finals)
+        out = out.view(steps, batch, out.shape[-1])
+        if self.batch_first:
+            out = out.transpose(0, 1)
+        if not is_batched:
+            out = out.squeeze(batch_dim)
+            finals = tuple(s.squeeze(1) for s in finals)
+        return out, self._pack_states(finals)
+
+    def _run_layers(self, x, batch_sizes, states, extra_rows):
+        num_directions = 2 if self.bidirectional else 1
+        finals = [[] for _ in states]
+        for layer in range(self.num_layers):
+            outs = []
+            for direction in range(num_directions):
+                idx = layer * num_directions + direction
+                out, new_states = self._layer(x, batch_sizes, tuple(s[idx] for s in states), layer,
+                                              direction, extra_rows)
+                outs.append(out)
+                for acc, s in zip(finals, new_states):
+                    acc.append(s)
+            x = outs[0] if num_directions == 1 else torch.cat(outs, dim=1)
+            if self.dropout > 0 and self.training and layer < self.num_layers - 1:
+                x = F.dropout(x, p=self.dropout, training=True)
+        return x, tuple(torch.stack(acc, 0) for acc in finals)
+
+    def flatten_parameters(self):
+        """Accepted for torch.nn compatibility; the fused ops need no flat weight buffer."""
+
+
+class LSTM(_FusedRNNMixin, TorchLSTM):
+    """Drop-in ``torch.nn.LSTM`` running on the fused whole-sequence ops.
+
+    Same constructor, parameters (names, shapes, gate order i, f, g, o, initialisation), inputs and
+    outputs as ``torch.nn.LSTM``; ``isinstance(m, torch.nn.LSTM)`` holds and state_dicts load both
+    ways.
+    """
+
+    _cell_name = "LSTM"
+
+    def _state_sizes(self):
+        return (self.proj_size if self.proj_size > 0 else self.hidden_size, self.hidden_size)
+
+    def _check_args(self, x, hx, batch_sizes):
+        self.check_forward_args(x, hx, batch_sizes)
+
+    def _layer(self, x, batch_sizes, states, layer, direction, extra):
+        sfx = _suffix(layer, direction)
+        b_ih = getattr(self, "bias_ih" + sfx) if self.bias else None
+        b_hh = getattr(self, "bias_hh" + sfx) if self.bias else None
+        w_hr = getattr(self, "weight_hr" + sfx) if self.proj_size > 0 else None
+        out, h, c = ops.lstm_layer(x, batch_sizes, states[0], states[1],
+                                   getattr(self, "weight_ih" + sfx),
+                                   getattr(self, "weight_hh" + sfx), b_ih, b_hh, w_hr,
+                                   reverse=direction == 1)
+        return out, (h, c)
+
+    def forward(self, input, hx=None):
+        return self._fused_forward(input, hx)
+
+
+def _cell_inputs(name, input, hx, hidden_size, num_states):
+    """Shared argument handling of the single-step cells (torch.nn.*Cell semantics)."""
+    if input.dim() not in (1, 2):
+        raise ValueError(f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
+    states = None
+    if hx is not None:
+        states = tuple(hx) if num_states > 1 else (hx,)
+        if len(states) != num_states:
+            raise ValueError(f"{name}: hx must hold {num_states} tensors, got {len(states)}")
+        for idx, value in enumerate(states):
+            if value.dim() not in (1, 2):
+                label = f"hx[{idx}]" if num_states > 1 else "hx"
+                raise ValueError(f"{name}: Expected {label} to be 1D or 2D, got {value.dim()}D instead")
+    is_batched = input.dim() == 2
+    if not is_batched:
+        input = input.unsqueeze(0)
+    batch = input.shape[0]
+    if states is None:
+        zeros = torch.zeros(batch, hidden_size, dtype=input.dtype, device=input.device)
+        states = (zeros,) * num_states
+    elif not is_batched:
+        states = tuple(s.unsqueeze(0) for s in states)
+    for idx, s in enumerate(states):
+        label = f"hx[{idx}]" if num_states > 1 else "hx"
+        if tuple(s.shape) != (batch, hidden_size):
+            raise RuntimeError(f"{name}: Expected {label} size {(batch, hidden_size)}, got "
+                               f"{tuple(s.shape)}")
+        if s.dtype != input.dtype or s.device != input.device:
+            raise RuntimeError(f"{name}: {label} must be {input.dtype} on {input.device} like the "
+                               f"input, got {s.dtype} on {s.device}")
+    return input, states, is_batched, torch.full((1,), batch, dtype=torch.int64)
+
+
+def _check_cell_weights(name, input, cell):
+    if input.shape[1] != cell.input_size:
+        raise RuntimeError(f"{name}: input has inconsistent input_size: got {input.shape[1]} "
+                           f"expected {cell.input_size}")
+    if input.dtype != cell.weight_ih.dtype:
+        raise ValueError(f"{name}: input dtype ({input.dtype}) does not match weight dtype "
+                         f"({cell.weight_ih.dtype})")
+
+
+class LSTMCell(TorchLSTMCell):
+    """Drop-in ``torch.nn.LSTMCell``: one step of the fused LSTM op."""
+
+    def forward(self, input, hx=None):
+        input, (h0, c0), is_batched, batch_sizes = _cell_inputs("LSTMCell", input, hx,
+                                                                 self.hidden_size, 2)
+        _check_cell_weights("LSTMCell", input, self)
+        _, h, c = ops.lstm_layer(input, batch_sizes, h0, c0, self.weight_ih, self.weight_hh,
+                                 self.bias_ih, self.bias_hh)
+        if not is_batched:
+            return h.squeeze(0), c.squeeze(0)
+        return h, c
