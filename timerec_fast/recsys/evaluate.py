@@ -111,10 +111,14 @@ def evaluate(model, data: InteractionData, split: Split, which: str = "test", ma
         rows, cols = history_mask(data, tev)
         hist = torch.zeros(scores.shape, dtype=torch.bool)
         hist[rows, cols] = True
-        in_hist += int(hist.gather(1, tgt.view(-1, 1)).sum())
+        tgt_seen = hist.gather(1, tgt.view(-1, 1)).view(-1)
+        in_hist += int(tgt_seen.sum())
         if exclude_history:
             scores = scores.masked_fill(hist, float("-inf"))
         g, e = rank_counts(scores, tgt)
+        if exclude_history:  # an excluded target cannot be recommended: a miss at every K
+            g = torch.where(tgt_seen, torch.full_like(g, 1 << 40), g)
+            e = torch.where(tgt_seen, torch.zeros_like(e), e)
         for k, v in metric_sums(g, e, ks, ties).items():
             sums[k] += v
     model.train(was_training)

@@ -157,18 +157,21 @@ class SeqRecommender(nn.Module):
 
 
 def sampled_softmax_loss(z: torch.Tensor, targets: torch.Tensor, emb: torch.Tensor, bias: torch.Tensor,
-                         n_neg: int, logq: torch.Tensor) -> torch.Tensor:
-    """Sampled softmax with logQ correction (Bengio & Senecal; Yi et al. 2019).
+                         n_neg: int, logq: torch.Tensor, remove_accidental_hits: bool = False) -> torch.Tensor:
+    """Sampled softmax with logQ correction (Bengio & Senecal 2008; Yi et al. 2019).
 
     ``n_neg`` negatives are drawn with replacement from the proposal ``q = exp(logq)`` and shared
-    by the batch; every logit (positive and negatives) is corrected by ``- log(n_neg * q)`` so
-    the estimator targets the full softmax; accidental hits (a negative equal to the target)
-    are masked out."""
+    by the batch; every logit (positive and negatives) is corrected by ``- log(n_neg * q)``.
+    With this correction the expected gradient vanishes exactly where the full softmax's does
+    (tested: a bias-only model recovers the target distribution). Accidental hits (a sampled
+    negative equal to the target) are kept by default: masking them, as some libraries do, biases
+    the estimate towards popular items; ``remove_accidental_hits=True`` masks them anyway."""
     neg = torch.multinomial(logq.exp(), n_neg, replacement=True)
     corr = torch.log(torch.tensor(float(n_neg)))
     pos_logit = (z * emb[targets]).sum(-1) + bias[targets] - (logq[targets] + corr)
     neg_logit = z @ emb[neg].t() + bias[neg] - (logq[neg] + corr)
-    neg_logit = neg_logit.masked_fill(neg.unsqueeze(0) == targets.unsqueeze(1), float("-inf"))
+    if remove_accidental_hits:
+        neg_logit = neg_logit.masked_fill(neg.unsqueeze(0) == targets.unsqueeze(1), float("-inf"))
     logits = torch.cat([pos_logit.unsqueeze(1), neg_logit], dim=1)
     return F.cross_entropy(logits, torch.zeros(len(targets), dtype=torch.long))
 
