@@ -84,9 +84,24 @@ torch.library.register_autograd(
     "timerec_fast::lstm_forward", _lstm_backward, setup_context=_lstm_setup_context)
 
 
+def _needs_autograd(tensors):
+    """False when no autograd graph can be recorded: the op can then skip the Python autograd
+    wrapper (tens of microseconds per call, which is most of a B=1 step sequence)."""
+    if torch.compiler.is_compiling() or not torch.is_grad_enabled():
+        return torch.compiler.is_compiling()
+    return any(t is not None and t.requires_grad for t in tensors)
+
+
+def call_op(op, args, differentiable):
+    if _needs_autograd(differentiable):
+        return op(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)
+
+
 def lstm_layer(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None,
                reverse=False):
     """One LSTM layer, one direction, over a packed sequence. Returns (output, h_n, c_n)."""
-    out, h_n, c_n, _, _, _ = _ops.lstm_forward(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh,
-                                               w_hr, reverse)
+    args = (input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse)
+    out, h_n, c_n, _, _, _ = call_op(_ops.lstm_forward.default, args, args[:9])
     return out, h_n, c_n

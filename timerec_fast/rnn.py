@@ -151,6 +151,8 @@ class _FusedRNNMixin:
             x = outs[0] if num_directions == 1 else torch.cat(outs, dim=1)
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
                 x = F.dropout(x, p=self.dropout, training=True)
+        if len(finals[0]) == 1:
+            return x, tuple(acc[0].unsqueeze(0) for acc in finals)
         return x, tuple(torch.stack(acc, 0) for acc in finals)
 
     def flatten_parameters(self):

@@ -8,6 +8,8 @@
 
 #include <ATen/ATen.h>
 
+#include "cpu_kernels.h"
+
 extern "C" {
 void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
             const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
@@ -67,6 +69,125 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, 
     }
   }
   gemm_fallback(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
+// ---- small-batch product ----------------------------------------------------------------------
+// C[rows x n] (= or +=) A[rows x k] @ W[k x n], W row-major. For a handful of rows a BLAS call
+// costs more in fixed overhead than in arithmetic; this streams W once per group of rows, keeping
+// a strip of C in registers. Used for the recurrent product when a step has few rows.
+
+template <typename T, int R, int NB>
+TRF_ALWAYS_INLINE void small_gemm_strip(const T* a, int64_t lda, const T* w, int64_t ldw, int64_t k,
+                                        T* c, int64_t ldc, bool accumulate, int64_t n0, int64_t nb) {
+  T acc[R][NB];
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < NB; ++i) acc[r][i] = (accumulate && i < nb) ? c[r * ldc + n0 + i] : T(0);
+  if (nb == NB) {
+    for (int64_t kk = 0; kk < k; ++kk) {
+      const T* wk = w + kk * ldw + n0;
+      for (int r = 0; r < R; ++r) {
+        const T av = a[r * lda + kk];
+        for (int i = 0; i < NB; ++i) acc[r][i] += av * wk[i];
+      }
+    }
+  } else {
+    for (int64_t kk = 0; kk < k; ++kk) {
+      const T* wk = w + kk * ldw + n0;
+      for (int r = 0; r < R; ++r) {
+        const T av = a[r * lda + kk];
+        for (int i = 0; i < nb; ++i) acc[r][i] += av * wk[i];
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < nb; ++i) c[r * ldc + n0 + i] = acc[r][i];
+}
+
+// 64-byte GCC vector types: one zmm, two ymm or four xmm depending on the clone being compiled.
+typedef float vec64f __attribute__((vector_size(64)));
+typedef double vec64d __attribute__((vector_size(64)));
+template <typename T> struct Vec64;
+template <> struct Vec64<float> { using type = vec64f; static constexpr int lanes = 16; };
+template <> struct Vec64<double> { using type = vec64d; static constexpr int lanes = 8; };
+
+// Full strip of NV vectors per row; 8 independent accumulators in total hide the FMA latency.
+template <typename T, int R, int NV>
+TRF_ALWAYS_INLINE void small_gemm_strip_vec(const T* a, int64_t lda, const T* w, int64_t ldw,
+                                            int64_t k, T* c, int64_t ldc, bool accumulate,
+                                            int64_t n0) {
+  using V = typename Vec64<T>::type;
+  constexpr int L = Vec64<T>::lanes;
+  V acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) {
+      if (accumulate) std::memcpy(&acc[r][v], c + r * ldc + n0 + v * L, sizeof(V));
+      else acc[r][v] = V{};
+    }
+  for (int64_t kk = 0; kk < k; ++kk) {
+    const T* wk = w + kk * ldw + n0;
+    V wv[NV];
+    for (int v = 0; v < NV; ++v) std::memcpy(&wv[v], wk + v * L, sizeof(V));
+    for (int r = 0; r < R; ++r) {
+      const T av = a[r * lda + kk];
+      for (int v = 0; v < NV; ++v) acc[r][v] += av * wv[v];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) std::memcpy(c + r * ldc + n0 + v * L, &acc[r][v], sizeof(V));
+}
+
+template <typename T, int R>
+TRF_ALWAYS_INLINE void small_gemm_rows(const T* a, int64_t lda, const T* w, int64_t k, int64_t n,
+                                       T* c, int64_t ldc, bool accumulate) {
+  constexpr int NV = 8 / R;
+  constexpr int strip = NV * Vec64<T>::lanes;
+  int64_t n0 = 0;
+  for (; n0 + strip <= n; n0 += strip)
+    small_gemm_strip_vec<T, R, NV>(a, lda, w, n, k, c, ldc, accumulate, n0);
+  constexpr int NB = Vec64<T>::lanes;
+  for (; n0 < n; n0 += NB)
+    small_gemm_strip<T, R, NB>(a, lda, w, n, k, c, ldc, accumulate, n0,
+                               std::min<int64_t>(NB, n - n0));
+}
+
+template <typename T>
+TRF_ALWAYS_INLINE void small_gemm_impl(int64_t rows, int64_t k, int64_t n, const T* a, int64_t lda,
+                                       const T* w, T* c, int64_t ldc, bool accumulate) {
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4)
+    small_gemm_rows<T, 4>(a + r * lda, lda, w, k, n, c + r * ldc, ldc, accumulate);
+  for (; r + 2 <= rows; r += 2)
+    small_gemm_rows<T, 2>(a + r * lda, lda, w, k, n, c + r * ldc, ldc, accumulate);
+  for (; r < rows; ++r)
+    small_gemm_rows<T, 1>(a + r * lda, lda, w, k, n, c + r * ldc, ldc, accumulate);
+}
+
+TRF_CPU_CLONES static void small_gemm(int64_t rows, int64_t k, int64_t n, const float* a,
+                                      int64_t lda, const float* w, float* c, int64_t ldc,
+                                      bool accumulate) {
+  small_gemm_impl<float>(rows, k, n, a, lda, w, c, ldc, accumulate);
+}
+
+TRF_CPU_CLONES static void small_gemm(int64_t rows, int64_t k, int64_t n, const double* a,
+                                      int64_t lda, const double* w, double* c, int64_t ldc,
+                                      bool accumulate) {
+  small_gemm_impl<double>(rows, k, n, a, lda, w, c, ldc, accumulate);
+}
+
+// Steps with at most this many rows use small_gemm instead of BLAS.
+constexpr int64_t kSmallGemmRows = 8;
+
+// C (+)= A @ W where W is given both as W (k x n, row-major) for small_gemm and as the BLAS
+// operand. `w_kn` must be the k x n row-major matrix.
+template <typename T>
+void recurrent_gemm(int64_t rows, int64_t k, int64_t n, const T* a, int64_t lda, const T* w_kn,
+                    T* c, int64_t ldc, bool accumulate) {
+  if (rows <= 0) return;
+  if (rows <= kSmallGemmRows) {
+    small_gemm(rows, k, n, a, lda, w_kn, c, ldc, accumulate);
+  } else {
+    gemm<T>(false, false, rows, n, k, T(1), a, lda, w_kn, n, accumulate ? T(1) : T(0), c, ldc);
+  }
 }
 
 }  // namespace timerec::cpu

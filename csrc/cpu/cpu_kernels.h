@@ -34,6 +34,52 @@ void for_rows(int64_t rows, int64_t row_width, const F& fn) {
   at::parallel_for(0, rows, grain, fn);
 }
 
+// ---- batch-parallel recurrence ----------------------------------------------------------------
+// Sequences are independent, so with enough rows each thread runs the whole step loop on its own
+// block of batch rows: no barrier per step, and every per-step GEMM stays single-threaded and
+// cache-local. Blocks are balanced by work (sum of their sequences' lengths), not by row count.
+struct RowBlock {
+  int64_t lo, hi;
+  // Rows of time step t inside this block.
+  int64_t rows_at(const Schedule& s, int64_t t) const {
+    return std::max<int64_t>(0, std::min(hi, s.batch_sizes[t]) - lo);
+  }
+};
+
+inline std::vector<RowBlock> split_batch(const Schedule& s, int64_t min_rows_per_block) {
+  const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  const int64_t parts = std::max<int64_t>(1, std::min(threads, s.batch / min_rows_per_block));
+  if (parts == 1 || s.steps == 0) return {{0, s.batch}};
+  // length of sequence b = number of steps with batch_sizes[t] > b (batch_sizes non-increasing)
+  std::vector<int64_t> lengths(s.batch, 0);
+  for (int64_t t = 0; t < s.steps; ++t) lengths[s.batch_sizes[t] - 1] += 1;
+  for (int64_t b = s.batch - 2; b >= 0; --b) lengths[b] += lengths[b + 1];
+  std::vector<RowBlock> blocks;
+  int64_t lo = 0, done = 0;
+  for (int64_t b = 0; b < s.batch && static_cast<int64_t>(blocks.size()) < parts - 1; ++b) {
+    done += lengths[b];
+    const int64_t target = s.rows * (static_cast<int64_t>(blocks.size()) + 1) / parts;
+    if (done >= target && b + 1 < s.batch) {
+      blocks.push_back({lo, b + 1});
+      lo = b + 1;
+    }
+  }
+  blocks.push_back({lo, s.batch});
+  return blocks;
+}
+
+// Runs fn(block) for each block, one thread per block.
+template <typename F>
+void for_blocks(const std::vector<RowBlock>& blocks, const F& fn) {
+  if (blocks.size() == 1) {
+    fn(blocks[0]);
+    return;
+  }
+  at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t i = b0; i < b1; ++i) fn(blocks[i]);
+  });
+}
+
 // Pointer to the row holding the previous state of row b at processed step k: the row of the step
 // processed before k when the sequence continues, else the initial state.
 template <typename T>

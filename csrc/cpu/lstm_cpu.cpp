@@ -74,59 +74,74 @@ TRF_DEFINE_LSTM_ROWS(double)
 #undef TRF_DEFINE_LSTM_ROWS
 
 // ---- sequence loops --------------------------------------------------------------------------
+// Each loop runs the whole sequence for one block of batch rows (see split_batch).
+// Weights arrive row-major as the right operand: w_hh_t = W_hh^T (P x 4H), w_hr_t = W_hr^T (H x P)
+// in the forward; W_hh (4H x P) and W_hr (P x H) as they are in the backward.
 
 template <typename T>
-void lstm_forward_loop(const Schedule& s, int64_t H, int64_t P, const T* w_hh, const T* w_hr,
-                       T* gates, T* cells, T* hpre, T* out, T* h_state, T* c_state) {
+void lstm_forward_block(const Schedule& s, RowBlock blk, int64_t H, int64_t P, const T* w_hh_t,
+                        const T* w_hr_t, T* gates, T* cells, T* hpre, T* out, T* h_state,
+                        T* c_state) {
   const int64_t G = 4 * H;
+  T* hs = h_state + blk.lo * P;
+  T* cs = c_state + blk.lo * H;
   for (int64_t k = 0; k < s.steps; ++k) {
     const int64_t t = s.time_at(k);
-    const int64_t bs = s.batch_sizes[t];
-    const int64_t off = s.offsets[t];
+    const int64_t n = blk.rows_at(s, t);
+    if (n == 0) continue;
+    const int64_t off = s.offsets[t] + blk.lo;
     T* g = gates + off * G;
-    gemm<T>(false, true, bs, G, P, T(1), h_state, P, w_hh, P, T(1), g, G);  // g += h W_hh^T
-    T* h_dst = w_hr != nullptr ? hpre + off * H : out + off * P;
-    T* h_copy = w_hr != nullptr ? nullptr : h_state;
-    for_rows(bs, G, [&](int64_t r0, int64_t r1) {
-      lstm_forward_rows(r0, r1, H, g, c_state, cells + off * H, h_dst, h_copy);
+    recurrent_gemm<T>(n, P, G, hs, P, w_hh_t, g, G, /*accumulate=*/true);  // g += h W_hh^T
+    T* h_dst = w_hr_t != nullptr ? hpre + off * H : out + off * P;
+    T* h_copy = w_hr_t != nullptr ? nullptr : hs;
+    for_rows(n, G, [&](int64_t r0, int64_t r1) {
+      lstm_forward_rows(r0, r1, H, g, cs, cells + off * H, h_dst, h_copy);
     });
-    if (w_hr != nullptr) {  // h = (o * tanh(c)) W_hr^T
-      gemm<T>(false, true, bs, P, H, T(1), h_dst, H, w_hr, H, T(0), out + off * P, P);
-      std::memcpy(h_state, out + off * P, bs * P * sizeof(T));
+    if (w_hr_t != nullptr) {  // h = (o * tanh(c)) W_hr^T
+      recurrent_gemm<T>(n, H, P, h_dst, H, w_hr_t, out + off * P, P, /*accumulate=*/false);
+      std::memcpy(hs, out + off * P, n * P * sizeof(T));
     }
   }
 }
 
 template <typename T>
-void lstm_backward_loop(const Schedule& s, int64_t H, int64_t P, const T* w_hh, const T* w_hr,
-                        const T* gates, const T* cells, const T* c0, const T* grad_out,
-                        T* dh_state, T* dc_state, T* dgates, T* dy, T* dhpre) {
+void lstm_backward_block(const Schedule& s, RowBlock blk, int64_t H, int64_t P, const T* w_hh,
+                         const T* w_hr, const T* gates, const T* cells, const T* c0,
+                         const T* grad_out, T* dh_state, T* dc_state, T* dgates, T* dy, T* dhpre) {
   const int64_t G = 4 * H;
   for (int64_t k = s.steps - 1; k >= 0; --k) {
     const int64_t t = s.time_at(k);
-    const int64_t bs = s.batch_sizes[t];
-    const int64_t off = s.offsets[t];
+    const int64_t n = blk.rows_at(s, t);
+    if (n == 0) continue;
+    const int64_t base = s.offsets[t];  // the row kernels index rows of the whole step
     const auto c_prev = prev_rows(s, k, cells, c0, H);
-    const T* gy = grad_out + off * P;
-    T* dg = dgates + off * G;
+    const T* gy = grad_out + base * P;
+    T* dg = dgates + base * G;
     if (w_hr != nullptr) {
       // dy = dL/dh_t (output + recurrence); the cell sees dy W_hr.
-      T* dyt = dy + off * P;
-      for (int64_t i = 0; i < bs * P; ++i) dyt[i] = dh_state[i] + gy[i];
-      gemm<T>(false, false, bs, H, P, T(1), dyt, P, w_hr, H, T(0), dhpre, H);
-      for_rows(bs, G, [&](int64_t r0, int64_t r1) {
-        lstm_backward_rows(r0, r1, H, gates + off * G, cells + off * H, c_prev, dhpre, H,
-                           static_cast<const T*>(nullptr), 0, dc_state, dg);
+      T* dyt = dy + (base + blk.lo) * P;
+      const T* dhs = dh_state + blk.lo * P;
+      const T* gyb = gy + blk.lo * P;
+      for (int64_t i = 0; i < n * P; ++i) dyt[i] = dhs[i] + gyb[i];
+      recurrent_gemm<T>(n, P, H, dyt, P, w_hr, dhpre + blk.lo * H, H, /*accumulate=*/false);
+      for_rows(n, G, [&](int64_t r0, int64_t r1) {
+        lstm_backward_rows(blk.lo + r0, blk.lo + r1, H, gates + base * G, cells + base * H,
+                           c_prev, dhpre, H, static_cast<const T*>(nullptr), 0, dc_state, dg);
       });
     } else {
-      for_rows(bs, G, [&](int64_t r0, int64_t r1) {
-        lstm_backward_rows(r0, r1, H, gates + off * G, cells + off * H, c_prev, dh_state, P, gy,
-                           P, dc_state, dg);
+      for_rows(n, G, [&](int64_t r0, int64_t r1) {
+        lstm_backward_rows(blk.lo + r0, blk.lo + r1, H, gates + base * G, cells + base * H,
+                           c_prev, dh_state, P, gy, P, dc_state, dg);
       });
     }
-    gemm<T>(false, false, bs, P, G, T(1), dg, G, w_hh, P, T(0), dh_state, P);  // dh_prev
+    // dh_{t-1} = dGates_t W_hh
+    recurrent_gemm<T>(n, G, P, dg + blk.lo * G, G, w_hh, dh_state + blk.lo * P, P,
+                      /*accumulate=*/false);
   }
 }
+
+// Blocks need at least this many rows to be worth a thread of their own.
+constexpr int64_t kMinRowsPerBlock = 8;
 
 // ---- ops ---------------------------------------------------------------------------------------
 
@@ -184,16 +199,18 @@ lstm_forward_cpu(const at::Tensor& input, const at::Tensor& batch_sizes, const a
   at::Tensor hpre = d.proj ? at::empty({d.N, d.H}, opts) : at::empty({0}, opts);
   at::Tensor h_state = h0.clone(at::MemoryFormat::Contiguous);
   at::Tensor c_state = c0.clone(at::MemoryFormat::Contiguous);
-  at::Tensor w_hh_c = w_hh.contiguous();
-  at::Tensor w_hr_c = d.proj ? w_hr->contiguous() : at::Tensor();
+  at::Tensor w_hh_t = w_hh.t().contiguous();
+  at::Tensor w_hr_t = d.proj ? w_hr->t().contiguous() : at::Tensor();
 
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "timerec_fast_lstm_forward", [&] {
-    lstm_forward_loop<scalar_t>(s, d.H, d.P, w_hh_c.data_ptr<scalar_t>(),
-                                d.proj ? w_hr_c.data_ptr<scalar_t>() : nullptr,
-                                gates.data_ptr<scalar_t>(), cells.data_ptr<scalar_t>(),
-                                d.proj ? hpre.data_ptr<scalar_t>() : nullptr,
-                                out.data_ptr<scalar_t>(), h_state.data_ptr<scalar_t>(),
-                                c_state.data_ptr<scalar_t>());
+    for_blocks(split_batch(s, kMinRowsPerBlock), [&](RowBlock blk) {
+      lstm_forward_block<scalar_t>(s, blk, d.H, d.P, w_hh_t.data_ptr<scalar_t>(),
+                                   d.proj ? w_hr_t.data_ptr<scalar_t>() : nullptr,
+                                   gates.data_ptr<scalar_t>(), cells.data_ptr<scalar_t>(),
+                                   d.proj ? hpre.data_ptr<scalar_t>() : nullptr,
+                                   out.data_ptr<scalar_t>(), h_state.data_ptr<scalar_t>(),
+                                   c_state.data_ptr<scalar_t>());
+    });
   });
   return {out, h_state, c_state, gates, cells, hpre};
 }
@@ -230,12 +247,15 @@ lstm_backward_cpu(const c10::optional<at::Tensor>& grad_output,
   at::Tensor out_c = output.contiguous(), h0_c = h0.contiguous();
 
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "timerec_fast_lstm_backward", [&] {
-    lstm_backward_loop<scalar_t>(
-        s, d.H, d.P, w_hh_c.data_ptr<scalar_t>(), d.proj ? w_hr_c.data_ptr<scalar_t>() : nullptr,
-        gates_c.data_ptr<scalar_t>(), cells_c.data_ptr<scalar_t>(), c0_c.data_ptr<scalar_t>(),
-        gy.data_ptr<scalar_t>(), dh_state.data_ptr<scalar_t>(), dc_state.data_ptr<scalar_t>(),
-        dgates.data_ptr<scalar_t>(), d.proj ? dy.data_ptr<scalar_t>() : nullptr,
-        d.proj ? dhpre.data_ptr<scalar_t>() : nullptr);
+    for_blocks(split_batch(s, kMinRowsPerBlock), [&](RowBlock blk) {
+      lstm_backward_block<scalar_t>(
+          s, blk, d.H, d.P, w_hh_c.data_ptr<scalar_t>(),
+          d.proj ? w_hr_c.data_ptr<scalar_t>() : nullptr, gates_c.data_ptr<scalar_t>(),
+          cells_c.data_ptr<scalar_t>(), c0_c.data_ptr<scalar_t>(), gy.data_ptr<scalar_t>(),
+          dh_state.data_ptr<scalar_t>(), dc_state.data_ptr<scalar_t>(),
+          dgates.data_ptr<scalar_t>(), d.proj ? dy.data_ptr<scalar_t>() : nullptr,
+          d.proj ? dhpre.data_ptr<scalar_t>() : nullptr);
+    });
     gather_prev_states<scalar_t>(s, out_c.data_ptr<scalar_t>(), h0_c.data_ptr<scalar_t>(), d.P,
                                  h_prev.data_ptr<scalar_t>());
   });

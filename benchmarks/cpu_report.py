@@ -1,0 +1,41 @@
+"""Print (and optionally save as JSON) the CPU comparison against torch.nn with the GEMM floor.
+
+    python benchmarks/cpu_report.py [--threads 2] [--json benchmarks/results/cpu-<machine>.json]
+
+speedup = torch.nn time / timerec_fast time, both measured in this process (median of repeats);
+floor = the cell's matmul FLOPs / this machine's measured large-GEMM rate, so ours/floor shows the
+distance to the limit.
+"""
+import argparse
+import json
+import platform
+import subprocess
+
+import torch
+
+from timerec_fast import bench
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", help="write the rows and machine facts to this file")
+    parser.add_argument("--cells", default="LSTM", help="comma list of cells to time")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    rows, rate = [], bench.gemm_rate()
+    for cell in args.cells.split(","):
+        rows += bench.run_cell(cell.strip(), rate=rate)
+    print(bench.format_table(rows, rate))
+    if args.json:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True).stdout.strip()
+        meta = dict(machine=platform.processor() or platform.machine(), threads=args.threads,
+                    torch=torch.__version__, commit=commit, gemm_gflops=rate / 1e9)
+        with open(args.json, "w") as f:
+            json.dump(dict(meta=meta, rows=rows), f, indent=1)
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

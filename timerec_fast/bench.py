@@ -1,0 +1,138 @@
+"""Side-by-side CPU timing of the fused modules against torch.nn, with the GEMM floor.
+
+Used by ``benchmarks/cpu_report.py``, the pytest-benchmark suite and ``timerec bench``. Speed is
+always a ratio measured in the same process: speedup = torch time / ours.
+"""
+import statistics
+import time
+
+import torch
+
+# (B, T, I, H) shapes of the core issue.
+LSTM_SHAPES = [(256, 50, 64, 64), (256, 50, 128, 128), (64, 200, 128, 256), (1, 50, 128, 128)]
+
+GATES = {"LSTM": 4, "GRU": 3, "TimeLSTM": 4}
+
+
+def matmul_flops(cell, batch, steps, input_size, hidden_size, mode):
+    """Matmul FLOPs of one layer, one direction: forward = x W_ih^T + h W_hh^T per step;
+    a training step adds dX, dW_ih, dW_hh and the recurrent dh (2x the forward)."""
+    gates = GATES[cell]
+    fwd = 2.0 * batch * steps * gates * hidden_size * (input_size + hidden_size)
+    return fwd if mode == "forward" else 3.0 * fwd
+
+
+def gemm_rate(n=1024, repeats=10):
+    """This machine's large-GEMM rate (FLOP/s, fp32) with the current thread count."""
+    a = torch.randn(n, n)
+    b = torch.randn(n, n)
+    for _ in range(2):
+        torch.mm(a, b)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        times.append(time.perf_counter() - t0)
+    return 2.0 * n ** 3 / statistics.median(times)
+
+
+def median_time(fn, min_repeats=5, min_seconds=0.5, warmup=2):
+    for _ in range(warmup):
+        fn()
+    times = []
+    start = time.perf_counter()
+    while len(times) < min_repeats or time.perf_counter() - start < min_seconds:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+        if len(times) >= 200:
+            break
+    return statistics.median(times)
+
+
+def make_step(module, x, mode, extra=None):
+    """A callable running one forward (no grad) or one training step (forward + backward)."""
+    args = (x,) if extra is None else (x, extra)
+    if mode == "forward":
+        def run():
+            with torch.no_grad():
+                module(*args)
+    else:
+        params = list(module.parameters())
+
+        def run():
+            for p in params:
+                p.grad = None
+            out, _ = module(*args)
+            out.sum().backward()
+    return run
+
+
+def compare(cell, batch, steps, input_size, hidden_size, mode, ours, reference, extra=None,
+            rate=None):
+    """Times ours vs reference on the same input; returns a result row (dict)."""
+    torch.manual_seed(0)
+    x = torch.randn(steps, batch, input_size)
+    if mode == "train":
+        x.requires_grad_(False)
+    t_ref = median_time(make_step(reference, x, mode, extra))
+    t_ours = median_time(make_step(ours, x, mode, extra))
+    row = dict(cell=cell, mode=mode, B=batch, T=steps, I=input_size, H=hidden_size,
+               ms_ours=t_ours * 1e3, ms_ref=t_ref * 1e3, speedup=t_ref / t_ours)
+    if rate:
+        floor = matmul_flops(cell, batch, steps, input_size, hidden_size, mode) / rate
+        row["ms_floor"] = floor * 1e3
+        row["ours_over_floor"] = t_ours / floor
+        row["ref_over_floor"] = t_ref / floor
+    return row
+
+
+def lstm_pair(input_size, hidden_size):
+    from .rnn import LSTM
+
+    torch.manual_seed(0)
+    ref = torch.nn.LSTM(input_size, hidden_size)
+    ours = LSTM(input_size, hidden_size)
+    ours.load_state_dict(ref.state_dict())
+    return ours, ref
+
+
+PAIRS = {"LSTM": lstm_pair}
+SHAPES = {"LSTM": LSTM_SHAPES}
+
+
+def run_cell(cell, shapes=None, modes=("forward", "train"), rate=None):
+    """Rows comparing the fused cell with its reference at each shape and mode."""
+    rows = []
+    for (b, t, i, h) in shapes or SHAPES[cell]:
+        ours, ref = PAIRS[cell](i, h)
+        for mode in modes:
+            rows.append(compare(cell, b, t, i, h, mode, ours, ref, rate=rate))
+    return rows
+
+
+def format_table(rows, rate=None):
+    head = f"{'cell':<9}{'mode':<8}{'B':>5}{'T':>5}{'I':>5}{'H':>6}{'ours ms':>10}{'ref ms':>10}{'speedup':>9}"
+    if rate:
+        head += f"{'floor ms':>10}{'ours/floor':>11}{'ref/floor':>10}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        line = (f"{r['cell']:<9}{r['mode']:<8}{r['B']:>5}{r['T']:>5}{r['I']:>5}{r['H']:>6}"
+                f"{r['ms_ours']:>10.3f}{r['ms_ref']:>10.3f}{r['speedup']:>8.2f}x")
+        if rate and "ms_floor" in r:
+            line += f"{r['ms_floor']:>10.3f}{r['ours_over_floor']:>10.2f}x{r['ref_over_floor']:>9.2f}x"
+        lines.append(line)
+    if rate:
+        lines.append(f"GEMM floor: matmul FLOPs / {rate / 1e9:.1f} GFLOP/s (fp32 1024^3 mm, "
+                     f"{torch.get_num_threads()} threads)")
+    return "\n".join(lines)
+
+
+def run_quick(cells=("LSTM",)):
+    """Print the comparison for the given cells (used by ``timerec bench`` and ``timerec demo``)."""
+    rate = gemm_rate()
+    rows = []
+    for cell in cells:
+        rows += run_cell(cell, rate=rate)
+    print(format_table(rows, rate))
+    return rows
