@@ -14,9 +14,10 @@ Modules (one place per thing):
 from .errors import CheckpointError, DataError, RecsysError
 from .data import InteractionData, load_data
 from .sequences import leave_one_out, time_split
-from .evaluate import evaluate
-from .train import TrainConfig, train
+from .train import TrainConfig
 from .serve import Recommender
 
+# the functions train.train and evaluate.evaluate are not re-exported here: that would shadow
+# their modules (timerec_fast.recsys.train / .evaluate)
 __all__ = ["CheckpointError", "DataError", "RecsysError", "InteractionData", "load_data", "leave_one_out",
-           "time_split", "evaluate", "TrainConfig", "train", "Recommender"]
+           "time_split", "TrainConfig", "Recommender"]

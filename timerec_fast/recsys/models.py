@@ -1,6 +1,7 @@
 """Next-item models.
 
-* ``timelstm`` -- item embedding (+ the two normalised log-gaps as input features) fed with Δt to
+* ``timelstm`` -- item embedding (+ the gap since the previous event and the gap to the moment of
+  prediction, each normalised log1p and expanded on a small Gaussian basis) fed with Δt to
   :class:`timerec_fast.TimeLSTM`; the last hidden state is projected into the item-embedding space
   and scored against *all* items with the tied embedding matrix (+ item bias).
   Δt is the gap to the moment of prediction (``dt_source="next"``; Zhu et al.'s Time-LSTM feeds
@@ -31,6 +32,9 @@ from .sequences import Batch
 
 MODEL_KINDS = ("timelstm", "gru", "lstm", "pop")
 VARIANTS = ("time_lstm1", "time_lstm2", "time_lstm3", "tlstm")
+
+N_GAP_BASIS = 8
+GAP_BASIS_WIDTH = 5.0 / (N_GAP_BASIS - 1)
 
 State = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
 
@@ -80,7 +84,7 @@ class SeqRecommender(nn.Module):
         self.item_emb = nn.Embedding(cfg.n_items, cfg.emb_dim)
         self.item_bias = nn.Parameter(torch.zeros(cfg.n_items))
         self.drop = nn.Dropout(cfg.dropout)
-        in_dim = cfg.emb_dim + (2 if self.use_feats else 0)
+        in_dim = cfg.emb_dim + (2 * N_GAP_BASIS if self.use_feats else 0)
         rnn_drop = cfg.dropout if cfg.num_layers > 1 else 0.0
         if cfg.kind == "timelstm":
             self.rnn = timerec_fast.TimeLSTM(in_dim, cfg.hidden, num_layers=cfg.num_layers, dropout=rnn_drop,
@@ -100,13 +104,19 @@ class SeqRecommender(nn.Module):
         """Flat inputs (N, in_dim) and Δt (N,) for flat event tensors."""
         x = self.drop(self.item_emb(items))
         if self.use_feats:
-            f = torch.stack([lg_prev, lg_next], dim=-1).to(x.dtype)
-            x = torch.cat([x, (f - self.time_mean) / self.time_std], dim=-1)
+            x = torch.cat([x, self.gap_basis(lg_prev, x.dtype), self.gap_basis(lg_next, x.dtype)], dim=-1)
         dt = None
         if self.is_time:
             src = lg_next if self.cfg.dt_source == "next" else lg_prev
             dt = (src.to(x.dtype) / self.time_std).clamp_min(0.0)
         return x, dt
+
+    def gap_basis(self, log_gap: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Gaussian radial basis of the normalised log-gap (N, N_GAP_BASIS): lets the cell tell
+        gap regimes apart (seconds / hours / days / weeks) with a linear input projection."""
+        z = (log_gap.to(dtype) - self.time_mean) / self.time_std
+        centers = torch.linspace(-2.5, 2.5, N_GAP_BASIS, dtype=dtype, device=z.device)
+        return torch.exp(-0.5 * ((z.unsqueeze(-1) - centers) / GAP_BASIS_WIDTH) ** 2)
 
     def encode(self, batch: Batch, hx: Optional[State] = None) -> Tuple[PackedSequence, State]:
         x, dt = self._step_inputs(batch.items.data, batch.lg_prev.data, batch.lg_next.data)

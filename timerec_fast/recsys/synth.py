@@ -5,7 +5,8 @@ user's log is a sequence of sessions:
 
 * **within a session** (gaps of seconds to minutes, log-normal) the user mostly moves on to the
   next item of the current series (sometimes skips one, sometimes jumps within the topic);
-* **short break** (20 min .. 3 h): the user resumes the same series where they left it;
+* **short break** (20 min .. 3 h): the user switches to the companion series (topics come in
+  pairs) at the same episode;
 * **new session** (12 h .. 3 days): a topic drawn from the user's long-term preferences, starting
   at one of the topic's popular entry items; preferences **drift**: after every such session
   they move towards a fresh random mix;
@@ -27,7 +28,7 @@ import numpy as np
 DAY = 86400.0
 
 
-def generate(n_users: int = 500, n_topics: int = 16, items_per_topic: int = 40, sessions_per_user: float = 12.0,
+def generate(n_users: int = 500, n_topics: int = 16, items_per_topic: int = 40, sessions_per_user: float = 14.0,
              seed: int = 0) -> Tuple[List[str], List[str], List[float]]:
     """Return ``(users, items, timestamps)`` lists (raw ids as strings, unix seconds)."""
     rng = np.random.default_rng(seed)
@@ -39,46 +40,41 @@ def generate(n_users: int = 500, n_topics: int = 16, items_per_topic: int = 40, 
     for u in range(n_users):
         pref = rng.dirichlet(np.full(n_topics, 0.3))
         fav = int(rng.integers(n_topics))
-        fav_pos = int(rng.integers(ipt))
+        progress = {fav: int(rng.integers(ipt))}   # next position per series
         t = t_base + rng.uniform(0, 30 * DAY)
-        topic, pos = None, 0
-        n_sessions = 3 + rng.poisson(sessions_per_user - 3)
+        topic, prev_topic = None, None
+        n_sessions = 3 + rng.poisson(max(sessions_per_user - 3, 0))
         for s in range(n_sessions):
-            if s == 0:
-                kind = "new"
+            kind = "new" if s == 0 else rng.choice(["break", "new", "comeback"], p=[0.3, 0.4, 0.3])
+            if kind == "break" and topic is not None:
+                # short break (20 min .. 3 h): over to the companion series (topic ^ 1), same episode
+                t += float(np.exp(rng.uniform(np.log(20 * 60), np.log(3 * 3600))))
+                last_pos = (progress[topic] - 1) % ipt
+                prev_topic, topic = topic, topic ^ 1
+                progress[topic] = last_pos
+            elif kind == "comeback":
+                # weekly habit: the favourite series, continued where the user left it
+                t += 7 * DAY + float(rng.normal(0, 0.4 * DAY))
+                prev_topic, topic = topic, fav
             else:
-                kind = rng.choice(["resume", "new", "comeback"], p=[0.35, 0.4, 0.25])
-            if kind == "resume":
-                t += np.exp(rng.uniform(np.log(20 * 60), np.log(3 * 3600)))
-                pos = (pos + 1) % ipt
-            elif kind == "new":
-                gap = np.exp(rng.uniform(np.log(12 * 3600), np.log(3 * DAY)))
+                # new session (12 h .. 3 days): a topic from the drifting long-term preferences
+                gap = float(np.exp(rng.uniform(np.log(12 * 3600), np.log(3 * DAY))))
                 t = _evening(t + gap, t + 6 * 3600, rng)
-                topic = int(rng.choice(n_topics, p=pref))
-                pos = int(rng.choice(ipt, p=entry_w))
+                new_topic = int(rng.choice(n_topics, p=pref))
+                prev_topic, topic = topic, new_topic
+                progress[topic] = int(rng.choice(ipt, p=entry_w))
                 pref = 0.7 * pref + 0.3 * rng.dirichlet(np.full(n_topics, 0.3))  # interest drift
-            else:  # weekly comeback to the favourite series
-                t += 7 * DAY + rng.normal(0, 0.4 * DAY)
-                topic = fav
-                pos = fav_pos
-            if topic is None:
-                topic = fav
-            length = 1 + min(int(rng.geometric(0.35)), 10)
+            pos = progress.get(topic, int(rng.choice(ipt, p=entry_w)))
+            length = min(int(rng.geometric(0.5)), 8)
             for j in range(length):
                 if j > 0:
                     t += float(np.exp(rng.normal(np.log(90.0), 1.0)))
                     r = rng.random()
-                    if r < 0.75:
-                        pos = (pos + 1) % ipt
-                    elif r < 0.9:
-                        pos = (pos + 2) % ipt
-                    else:
-                        pos = int(rng.integers(ipt))
+                    pos = (pos + 1) % ipt if r < 0.8 else (pos + 2) % ipt if r < 0.9 else int(rng.integers(ipt))
                 users.append(f"u{u}")
                 items.append(f"t{topic}-{pos}")
                 times.append(round(float(t), 3))
-            if topic == fav:
-                fav_pos = (pos + 1) % ipt
+            progress[topic] = (pos + 1) % ipt
     return users, items, times
 
 
