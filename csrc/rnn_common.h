@@ -89,4 +89,29 @@ inline at::Tensor grad_or_zeros(const c10::optional<at::Tensor>& g, at::IntArray
   return at::zeros(shape, like.options());
 }
 
+// The input projection of every step as one GEMM: input (N, I) @ w_ih^T + (b_a + b_b), contiguous.
+inline at::Tensor input_projection(const at::Tensor& input, const at::Tensor& w_ih,
+                                   const c10::optional<at::Tensor>& b_a,
+                                   const c10::optional<at::Tensor>& b_b = c10::nullopt) {
+  const bool has_a = b_a.has_value() && b_a->defined();
+  const bool has_b = b_b.has_value() && b_b->defined();
+  if (!has_a && !has_b) return at::mm(input, w_ih.t()).contiguous();
+  at::Tensor bias = has_a && has_b ? *b_a + *b_b : (has_a ? *b_a : *b_b);
+  return at::addmm(bias, input, w_ih.t()).contiguous();
+}
+
+inline void check_rows_input(const at::Tensor& input, const char* cell) {
+  TORCH_CHECK(input.dim() == 2, "timerec_fast.", cell, ": input must be 2-D (rows, features), got ",
+              input.sizes());
+}
+
+inline void check_delta_t(const at::Tensor& delta_t, const at::Tensor& input) {
+  TORCH_CHECK(delta_t.dim() == 1 && delta_t.size(0) == input.size(0),
+              "timerec_fast: delta_t must have one value per input row, shape (", input.size(0),
+              "), got ", delta_t.sizes());
+  TORCH_CHECK(delta_t.scalar_type() == input.scalar_type() && delta_t.device() == input.device(),
+              "timerec_fast: delta_t must be ", input.scalar_type(), " on ", input.device(),
+              " like the input, got ", delta_t.scalar_type(), " on ", delta_t.device());
+}
+
 }  // namespace timerec

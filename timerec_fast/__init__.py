@@ -4,6 +4,8 @@ __version__ = "0.1.0"
 
 from . import ops  # noqa: F401  (loads the extension, registers autograd and fake kernels)
 from .patch import patch_torch, patched_torch, unpatch_torch
-from .rnn import LSTM, LSTMCell
+from .rnn import GRU, LSTM, GRUCell, LSTMCell
+from .time_lstm import TimeLSTM
 
-__all__ = ["LSTM", "LSTMCell", "patch_torch", "unpatch_torch", "patched_torch", "ops"]
+__all__ = ["LSTM", "LSTMCell", "GRU", "GRUCell", "TimeLSTM", "patch_torch", "unpatch_torch",
+           "patched_torch", "ops"]

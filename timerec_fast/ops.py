@@ -105,3 +105,158 @@ def lstm_layer(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_h
     args = (input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse)
     out, h_n, c_n, _, _, _ = call_op(_ops.lstm_forward.default, args, args[:9])
     return out, h_n, c_n
+
+
+# ---------------------------------------------------------------------------------------------
+# GRU
+
+
+@torch.library.register_fake("timerec_fast::gru_forward")
+def _gru_forward_fake(input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, reverse):
+    n = input.shape[0]
+    h = h0.shape[1]
+    return (input.new_empty((n, h)), torch.empty_like(h0), input.new_empty((n, 3 * h)),
+            input.new_empty((n, h)))
+
+
+@torch.library.register_fake("timerec_fast::gru_backward")
+def _gru_backward_fake(grad_output, grad_h_n, input, batch_sizes, h0, w_ih, w_hh, output, gates,
+                       hn, reverse, input_grad):
+    h = h0.shape[1]
+    return (torch.empty_like(input) if input_grad else _empty(input), torch.empty_like(h0),
+            torch.empty_like(w_ih), torch.empty_like(w_hh), input.new_empty((3 * h,)),
+            input.new_empty((3 * h,)))
+
+
+def _gru_setup_context(ctx, inputs, output):
+    input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, reverse = inputs
+    out, _, gates, hn = output
+    ctx.mark_non_differentiable(gates, hn)
+    ctx.save_for_backward(input, batch_sizes, h0, w_ih, w_hh, out, gates, hn)
+    ctx.reverse = reverse
+    ctx.has_b_ih = b_ih is not None
+    ctx.has_b_hh = b_hh is not None
+
+
+def _gru_backward(ctx, grad_out, grad_h_n, _g_gates, _g_hn):
+    input, batch_sizes, h0, w_ih, w_hh, out, gates, hn = ctx.saved_tensors
+    d_in, d_h0, d_w_ih, d_w_hh, d_b_ih, d_b_hh = _ops.gru_backward(
+        grad_out, grad_h_n, input, batch_sizes, h0, w_ih, w_hh, out, gates, hn, ctx.reverse,
+        ctx.needs_input_grad[0])
+    return (d_in if ctx.needs_input_grad[0] else None, None, d_h0, d_w_ih, d_w_hh,
+            d_b_ih if ctx.has_b_ih else None, d_b_hh if ctx.has_b_hh else None, None)
+
+
+torch.library.register_autograd(
+    "timerec_fast::gru_forward", _gru_backward, setup_context=_gru_setup_context)
+
+
+def gru_layer(input, batch_sizes, h0, w_ih, w_hh, b_ih=None, b_hh=None, reverse=False):
+    """One GRU layer, one direction, over a packed sequence. Returns (output, h_n)."""
+    args = (input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, reverse)
+    out, h_n, _, _ = call_op(_ops.gru_forward.default, args, args[:7])
+    return out, h_n
+
+
+# ---------------------------------------------------------------------------------------------
+# Time-LSTM (Zhu et al.) and T-LSTM (Baytas et al.)
+
+
+@torch.library.register_fake("timerec_fast::time_lstm_forward")
+def _time_lstm_forward_fake(input, delta_t, batch_sizes, h0, c0, w_ih, w_hh, bias, peep, time_w,
+                            variant, reverse):
+    n = input.shape[0]
+    h = h0.shape[1]
+    return (input.new_empty((n, h)), torch.empty_like(h0), torch.empty_like(c0),
+            input.new_empty((n, w_ih.shape[0])), input.new_empty((n, h)),
+            input.new_empty((n, h)) if variant != 1 else _empty(input))
+
+
+@torch.library.register_fake("timerec_fast::time_lstm_backward")
+def _time_lstm_backward_fake(grad_output, grad_h_n, grad_c_n, input, delta_t, batch_sizes, h0,
+                             c0, w_ih, w_hh, peep, time_w, output, gates, cells, cts, variant,
+                             reverse, input_grad):
+    return (torch.empty_like(input) if input_grad else _empty(input), torch.empty_like(delta_t),
+            torch.empty_like(h0), torch.empty_like(c0), torch.empty_like(w_ih),
+            torch.empty_like(w_hh), input.new_empty((w_ih.shape[0],)), torch.empty_like(peep),
+            torch.empty_like(time_w))
+
+
+def _time_lstm_setup_context(ctx, inputs, output):
+    input, delta_t, batch_sizes, h0, c0, w_ih, w_hh, bias, peep, time_w, variant, reverse = inputs
+    out, _, _, gates, cells, cts = output
+    ctx.mark_non_differentiable(gates, cells, cts)
+    ctx.save_for_backward(input, delta_t, batch_sizes, h0, c0, w_ih, w_hh, peep, time_w, out,
+                          gates, cells, cts)
+    ctx.variant = variant
+    ctx.reverse = reverse
+    ctx.has_bias = bias is not None
+
+
+def _time_lstm_backward(ctx, grad_out, grad_h_n, grad_c_n, *_saved_grads):
+    saved = ctx.saved_tensors
+    grads = _ops.time_lstm_backward(grad_out, grad_h_n, grad_c_n, *saved, ctx.variant,
+                                    ctx.reverse, ctx.needs_input_grad[0])
+    d_in, d_dt, d_h0, d_c0, d_w_ih, d_w_hh, d_bias, d_peep, d_time_w = grads
+    return (d_in if ctx.needs_input_grad[0] else None, d_dt, None, d_h0, d_c0, d_w_ih, d_w_hh,
+            d_bias if ctx.has_bias else None, d_peep, d_time_w, None, None)
+
+
+torch.library.register_autograd(
+    "timerec_fast::time_lstm_forward", _time_lstm_backward, setup_context=_time_lstm_setup_context)
+
+
+def time_lstm_layer(input, delta_t, batch_sizes, h0, c0, w_ih, w_hh, bias, peep, time_w, variant,
+                    reverse=False):
+    """One Time-LSTM layer (variant 1, 2 or 3), one direction. Returns (output, h_n, c_n)."""
+    args = (input, delta_t, batch_sizes, h0, c0, w_ih, w_hh, bias, peep, time_w, variant, reverse)
+    out, h_n, c_n, _, _, _ = call_op(_ops.time_lstm_forward.default, args, args[:10])
+    return out, h_n, c_n
+
+
+@torch.library.register_fake("timerec_fast::tlstm_forward")
+def _tlstm_forward_fake(input, delta_t, batch_sizes, h0, c0, w_ih, w_hh, bias, w_d, b_d, reverse):
+    n = input.shape[0]
+    h = h0.shape[1]
+    return (input.new_empty((n, h)), torch.empty_like(h0), torch.empty_like(c0),
+            input.new_empty((n, 4 * h)), input.new_empty((n, h)), input.new_empty((n, h)))
+
+
+@torch.library.register_fake("timerec_fast::tlstm_backward")
+def _tlstm_backward_fake(grad_output, grad_h_n, grad_c_n, input, delta_t, batch_sizes, h0, c0,
+                         w_ih, w_hh, w_d, output, gates, cells, cs, reverse, input_grad):
+    h = h0.shape[1]
+    return (torch.empty_like(input) if input_grad else _empty(input), torch.empty_like(delta_t),
+            torch.empty_like(h0), torch.empty_like(c0), torch.empty_like(w_ih),
+            torch.empty_like(w_hh), input.new_empty((4 * h,)), torch.empty_like(w_d),
+            input.new_empty((h,)))
+
+
+def _tlstm_setup_context(ctx, inputs, output):
+    input, delta_t, batch_sizes, h0, c0, w_ih, w_hh, bias, w_d, b_d, reverse = inputs
+    out, _, _, gates, cells, cs = output
+    ctx.mark_non_differentiable(gates, cells, cs)
+    ctx.save_for_backward(input, delta_t, batch_sizes, h0, c0, w_ih, w_hh, w_d, out, gates, cells,
+                          cs)
+    ctx.reverse = reverse
+    ctx.has_bias = bias is not None
+    ctx.has_b_d = b_d is not None
+
+
+def _tlstm_backward(ctx, grad_out, grad_h_n, grad_c_n, *_saved_grads):
+    grads = _ops.tlstm_backward(grad_out, grad_h_n, grad_c_n, *ctx.saved_tensors, ctx.reverse,
+                                ctx.needs_input_grad[0])
+    d_in, d_dt, d_h0, d_c0, d_w_ih, d_w_hh, d_bias, d_w_d, d_b_d = grads
+    return (d_in if ctx.needs_input_grad[0] else None, d_dt, None, d_h0, d_c0, d_w_ih, d_w_hh,
+            d_bias if ctx.has_bias else None, d_w_d, d_b_d if ctx.has_b_d else None, None)
+
+
+torch.library.register_autograd(
+    "timerec_fast::tlstm_forward", _tlstm_backward, setup_context=_tlstm_setup_context)
+
+
+def tlstm_layer(input, delta_t, batch_sizes, h0, c0, w_ih, w_hh, bias, w_d, b_d, reverse=False):
+    """One T-LSTM layer, one direction. Returns (output, h_n, c_n)."""
+    args = (input, delta_t, batch_sizes, h0, c0, w_ih, w_hh, bias, w_d, b_d, reverse)
+    out, h_n, c_n, _, _, _ = call_op(_ops.tlstm_forward.default, args, args[:10])
+    return out, h_n, c_n

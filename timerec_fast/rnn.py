@@ -14,6 +14,8 @@ from . import ops
 # The torch.nn classes, captured before any patch_torch() so subclasses and the undo stay correct.
 TorchLSTM = nn.LSTM
 TorchLSTMCell = nn.LSTMCell
+TorchGRU = nn.GRU
+TorchGRUCell = nn.GRUCell
 
 
 def _suffix(layer, direction):
@@ -112,7 +114,7 @@ class _FusedRNNMixin:
 
         extra_rows = None
         if self._extra_name is not None:
-            extra_rows = self._extra_rows(extra, input, x, is_packed, is_batched)
+            extra_rows = self._extra_rows(extra, x, batch_sizes, sorted_indices, is_batched)
 
         if is_packed:
             rows = x
@@ -244,3 +246,42 @@ class LSTMCell(TorchLSTMCell):
         if not is_batched:
             return h.squeeze(0), c.squeeze(0)
         return h, c
+
+
+class GRU(_FusedRNNMixin, TorchGRU):
+    """Drop-in ``torch.nn.GRU`` running on the fused whole-sequence ops.
+
+    Same constructor, parameters (gate order r, z, n), inputs and outputs as ``torch.nn.GRU``.
+    """
+
+    _cell_name = "GRU"
+
+    def _state_sizes(self):
+        return (self.hidden_size,)
+
+    def _check_args(self, x, hx, batch_sizes):
+        self.check_forward_args(x, hx, batch_sizes)
+
+    def _layer(self, x, batch_sizes, states, layer, direction, extra):
+        sfx = _suffix(layer, direction)
+        b_ih = getattr(self, "bias_ih" + sfx) if self.bias else None
+        b_hh = getattr(self, "bias_hh" + sfx) if self.bias else None
+        out, h = ops.gru_layer(x, batch_sizes, states[0], getattr(self, "weight_ih" + sfx),
+                               getattr(self, "weight_hh" + sfx), b_ih, b_hh,
+                               reverse=direction == 1)
+        return out, (h,)
+
+    def forward(self, input, hx=None):
+        return self._fused_forward(input, hx)
+
+
+class GRUCell(TorchGRUCell):
+    """Drop-in ``torch.nn.GRUCell``: one step of the fused GRU op."""
+
+    def forward(self, input, hx=None):
+        input, (h0,), is_batched, batch_sizes = _cell_inputs("GRUCell", input, hx,
+                                                             self.hidden_size, 1)
+        _check_cell_weights("GRUCell", input, self)
+        _, h = ops.gru_layer(input, batch_sizes, h0, self.weight_ih, self.weight_hh, self.bias_ih,
+                             self.bias_hh)
+        return h if is_batched else h.squeeze(0)

@@ -153,8 +153,7 @@ struct LstmShapes {
 LstmShapes check_lstm_args(const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0,
                            const at::Tensor& w_ih, const at::Tensor& w_hh,
                            const c10::optional<at::Tensor>& w_hr) {
-  TORCH_CHECK(input.dim() == 2, "timerec_fast.lstm: input must be 2-D (rows, features), got ",
-              input.sizes());
+  check_rows_input(input, "LSTM");
   TORCH_CHECK(h0.dim() == 2 && c0.dim() == 2, "timerec_fast.lstm: h0 and c0 must be 2-D, got ",
               h0.sizes(), " and ", c0.sizes());
   LstmShapes d;
@@ -184,15 +183,7 @@ lstm_forward_cpu(const at::Tensor& input, const at::Tensor& batch_sizes, const a
   const Schedule s = make_schedule(batch_sizes, d.N, d.B, reverse);
 
   // Input projection for every step at once, biases folded in.
-  at::Tensor gates;
-  if (b_ih.has_value() || b_hh.has_value()) {
-    at::Tensor bias = b_ih.has_value() && b_hh.has_value() ? *b_ih + *b_hh
-                                                            : (b_ih.has_value() ? *b_ih : *b_hh);
-    gates = at::addmm(bias, input, w_ih.t());
-  } else {
-    gates = at::mm(input, w_ih.t());
-  }
-  gates = gates.contiguous();
+  at::Tensor gates = input_projection(input, w_ih, b_ih, b_hh);
   auto opts = input.options();
   at::Tensor cells = at::empty({d.N, d.H}, opts);
   at::Tensor out = at::empty({d.N, d.P}, opts);

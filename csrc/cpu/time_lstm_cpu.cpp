@@ -1,0 +1,498 @@
+// Time-aware LSTM layers, CPU: Time-LSTM 1/2/3 (Zhu et al. 2017) and T-LSTM (Baytas et al. 2017).
+//
+// Same machinery as the LSTM: the time-gate input projections join the one input GEMM; the dt
+// terms, peepholes and decay are fused into the per-step pointwise pass. Gradients of the per-unit
+// vectors (peepholes, time weights) and of delta_t are reductions over rows, done after the loop
+// with ATen from the saved pre-activation gradients.
+#include <torch/library.h>
+
+#include "../include/timerec/lstm_cell.h"
+#include "../include/timerec/time_lstm_cell.h"
+#include "cpu_blas.h"
+#include "cpu_kernels.h"
+
+namespace timerec::cpu {
+namespace {
+
+constexpr int64_t kMinRowsPerBlock = 8;
+
+// Column blocks (in units of H) of each gate inside a gates row; -1 when the variant lacks it.
+// Gates that see h come first so the recurrent GEMM writes one contiguous prefix of the row.
+struct TimeLstmLayout {
+  int i, f, g, o, t1, t2;
+  int h_gates, gates;
+  static TimeLstmLayout of(int64_t variant) {
+    switch (variant) {
+      case kTimeLstm1: return {0, 1, 2, 3, 4, -1, 4, 5};
+      case kTimeLstm2: return {0, 1, 2, 3, 4, 5, 4, 6};
+      case kTimeLstm3: return {0, -1, 1, 2, 3, 4, 3, 5};
+    }
+    TORCH_CHECK(false, "timerec_fast.TimeLSTM: variant must be 1, 2 or 3, got ", variant);
+    return {};
+  }
+};
+
+// ---- Time-LSTM pointwise ---------------------------------------------------------------------
+
+template <typename T>
+TRF_ALWAYS_INLINE TimeLstmUnitWeights<T> unit_weights(const T* peep, const T* time_w, int64_t H,
+                                                      int64_t j) {
+  return {peep[j], peep[H + j], peep[2 * H + j], time_w[j], time_w[H + j], time_w[2 * H + j]};
+}
+
+template <typename T>
+TRF_ALWAYS_INLINE void time_lstm_forward_rows_impl(int variant, TimeLstmLayout L, int64_t r0,
+                                                   int64_t r1, int64_t H, T* gates, const T* dt,
+                                                   const T* peep, const T* time_w, T* c_state,
+                                                   T* cells, T* cts, T* h_out, T* h_state) {
+  const int64_t G = L.gates * H;
+  for (int64_t b = r0; b < r1; ++b) {
+    T* g = gates + b * G;
+    T* cs = c_state + b * H;
+    const T d = dt[b];
+#pragma GCC ivdep
+    for (int64_t j = 0; j < H; ++j) {
+      TimeLstmGates<T> a{g[L.i * H + j], L.f >= 0 ? g[L.f * H + j] : T(0), g[L.g * H + j],
+                         g[L.o * H + j], g[L.t1 * H + j], L.t2 >= 0 ? g[L.t2 * H + j] : T(0)};
+      T c_next, ct, h;
+      time_lstm_cell_forward(variant, a, cs[j], d, unit_weights(peep, time_w, H, j), c_next, ct, h);
+      g[L.i * H + j] = a.i;
+      if (L.f >= 0) g[L.f * H + j] = a.f;
+      g[L.g * H + j] = a.g;
+      g[L.o * H + j] = a.o;
+      g[L.t1 * H + j] = a.t1;
+      if (L.t2 >= 0) g[L.t2 * H + j] = a.t2;
+      cs[j] = c_next;
+      cells[b * H + j] = c_next;
+      if (cts != nullptr) cts[b * H + j] = ct;
+      h_out[b * H + j] = h;
+      h_state[b * H + j] = h;
+    }
+  }
+}
+
+// Absolute rows. dh = dh_state + grad_out; writes dgates (pre-activation gradients) and dc_state.
+template <typename T>
+TRF_ALWAYS_INLINE void time_lstm_backward_rows_impl(int variant, TimeLstmLayout L, int64_t r0,
+                                                    int64_t r1, int64_t H, const T* gates,
+                                                    const T* cells, const T* cts,
+                                                    PrevRows<T> c_prev, const T* peep,
+                                                    const T* time_w, const T* gy,
+                                                    const T* dh_state, T* dc_state, T* dgates) {
+  const int64_t G = L.gates * H;
+  for (int64_t b = r0; b < r1; ++b) {
+    const T* g = gates + b * G;
+    const T* cp = c_prev.row(b);
+    const T* ctb = (cts != nullptr ? cts : cells) + b * H;
+    T* dg = dgates + b * G;
+    T* dc = dc_state + b * H;
+#pragma GCC ivdep
+    for (int64_t j = 0; j < H; ++j) {
+      const TimeLstmGates<T> a{g[L.i * H + j], L.f >= 0 ? g[L.f * H + j] : T(0), g[L.g * H + j],
+                               g[L.o * H + j], g[L.t1 * H + j],
+                               L.t2 >= 0 ? g[L.t2 * H + j] : T(0)};
+      TimeLstmGates<T> d;
+      dc[j] = time_lstm_cell_backward(variant, a, cp[j], ctb[j], dh_state[b * H + j] + gy[b * H + j],
+                                      dc[j], unit_weights(peep, time_w, H, j), d);
+      dg[L.i * H + j] = d.i;
+      if (L.f >= 0) dg[L.f * H + j] = d.f;
+      dg[L.g * H + j] = d.g;
+      dg[L.o * H + j] = d.o;
+      dg[L.t1 * H + j] = d.t1;
+      if (L.t2 >= 0) dg[L.t2 * H + j] = d.t2;
+    }
+  }
+}
+
+// ---- T-LSTM pointwise -------------------------------------------------------------------------
+
+// cs holds c_{t-1} W_d^T on entry (no bias) and tanh(. + b_d) on exit.
+template <typename T>
+TRF_ALWAYS_INLINE void tlstm_forward_rows_impl(int64_t r0, int64_t r1, int64_t H, T* gates, T* cs,
+                                               const T* b_d, const T* dt, T* c_state, T* cells,
+                                               T* h_out, T* h_state) {
+  for (int64_t b = r0; b < r1; ++b) {
+    T* g = gates + b * 4 * H;
+    T* csb = cs + b * H;
+    T* c = c_state + b * H;
+    const T decay = tlstm_decay(dt[b]);
+#pragma GCC ivdep
+    for (int64_t j = 0; j < H; ++j) {
+      const T s = tanh_act(csb[j] + (b_d != nullptr ? b_d[j] : T(0)));
+      csb[j] = s;
+      T c_new, h;
+      lstm_cell_forward(g[j], g[H + j], g[2 * H + j], g[3 * H + j],
+                        tlstm_adjusted_cell(c[j], s, decay), c_new, h);
+      c[j] = c_new;
+      cells[b * H + j] = c_new;
+      h_out[b * H + j] = h;
+      h_state[b * H + j] = h;
+    }
+  }
+}
+
+// Absolute rows. Writes dgates, d_pre (gradient of c W_d^T + b_d), dstar_cs (dc* * cs, summed
+// into the delta_t gradient afterwards) and dc_state = the direct part of dc_{t-1}.
+template <typename T>
+TRF_ALWAYS_INLINE void tlstm_backward_rows_impl(int64_t r0, int64_t r1, int64_t H, const T* gates,
+                                                const T* cells, const T* cs, PrevRows<T> c_prev,
+                                                const T* dt, const T* gy, const T* dh_state,
+                                                T* dc_state, T* dgates, T* d_pre, T* dstar_cs) {
+  for (int64_t b = r0; b < r1; ++b) {
+    const T* g = gates + b * 4 * H;
+    const T* cp = c_prev.row(b);
+    const T* csb = cs + b * H;
+    T* dg = dgates + b * 4 * H;
+    T* dc = dc_state + b * H;
+    const T decay = tlstm_decay(dt[b]);
+#pragma GCC ivdep
+    for (int64_t j = 0; j < H; ++j) {
+      const T s = csb[j];
+      T dstar;
+      lstm_cell_backward(g[j], g[H + j], g[2 * H + j], g[3 * H + j],
+                         tlstm_adjusted_cell(cp[j], s, decay), cells[b * H + j],
+                         dh_state[b * H + j] + gy[b * H + j], dc[j], dg[j], dg[H + j],
+                         dg[2 * H + j], dg[3 * H + j], dstar);
+      d_pre[b * H + j] = dstar * (decay - T(1)) * (T(1) - s * s);
+      dstar_cs[b * H + j] = dstar * s;
+      dc[j] = dstar;
+    }
+  }
+}
+
+#define TRF_DEFINE_TIME_ROWS(T)                                                                  \
+  TRF_CPU_CLONES void time_lstm_forward_rows(int variant, TimeLstmLayout L, int64_t r0,          \
+                                             int64_t r1, int64_t H, T* gates, const T* dt,       \
+                                             const T* peep, const T* time_w, T* c_state,         \
+                                             T* cells, T* cts, T* h_out, T* h_state) {           \
+    time_lstm_forward_rows_impl<T>(variant, L, r0, r1, H, gates, dt, peep, time_w, c_state,      \
+                                   cells, cts, h_out, h_state);                                  \
+  }                                                                                              \
+  TRF_CPU_CLONES void time_lstm_backward_rows(                                                   \
+      int variant, TimeLstmLayout L, int64_t r0, int64_t r1, int64_t H, const T* gates,          \
+      const T* cells, const T* cts, PrevRows<T> c_prev, const T* peep, const T* time_w,          \
+      const T* gy, const T* dh_state, T* dc_state, T* dgates) {                                  \
+    time_lstm_backward_rows_impl<T>(variant, L, r0, r1, H, gates, cells, cts, c_prev, peep,      \
+                                    time_w, gy, dh_state, dc_state, dgates);                     \
+  }                                                                                              \
+  TRF_CPU_CLONES void tlstm_forward_rows(int64_t r0, int64_t r1, int64_t H, T* gates, T* cs,     \
+                                         const T* b_d, const T* dt, T* c_state, T* cells,        \
+                                         T* h_out, T* h_state) {                                 \
+    tlstm_forward_rows_impl<T>(r0, r1, H, gates, cs, b_d, dt, c_state, cells, h_out, h_state);   \
+  }                                                                                              \
+  TRF_CPU_CLONES void tlstm_backward_rows(int64_t r0, int64_t r1, int64_t H, const T* gates,     \
+                                          const T* cells, const T* cs, PrevRows<T> c_prev,       \
+                                          const T* dt, const T* gy, const T* dh_state,           \
+                                          T* dc_state, T* dgates, T* d_pre, T* dstar_cs) {       \
+    tlstm_backward_rows_impl<T>(r0, r1, H, gates, cells, cs, c_prev, dt, gy, dh_state,           \
+                                dc_state, dgates, d_pre, dstar_cs);                              \
+  }
+TRF_DEFINE_TIME_ROWS(float)
+TRF_DEFINE_TIME_ROWS(double)
+#undef TRF_DEFINE_TIME_ROWS
+
+// ---- sequence loops --------------------------------------------------------------------------
+
+template <typename T>
+void time_lstm_forward_block(int variant, TimeLstmLayout L, const Schedule& s, RowBlock blk,
+                             int64_t H, const T* w_hh_t, const T* dt, const T* peep,
+                             const T* time_w, T* gates, T* cells, T* cts, T* out, T* h_state,
+                             T* c_state) {
+  const int64_t G = L.gates * H, Gh = L.h_gates * H;
+  T* hs = h_state + blk.lo * H;
+  T* cs = c_state + blk.lo * H;
+  for (int64_t k = 0; k < s.steps; ++k) {
+    const int64_t t = s.time_at(k);
+    const int64_t n = blk.rows_at(s, t);
+    if (n == 0) continue;
+    const int64_t off = s.offsets[t] + blk.lo;
+    T* g = gates + off * G;
+    recurrent_gemm<T>(n, H, Gh, hs, H, w_hh_t, g, G, /*accumulate=*/true);
+    for_rows(n, G, [&](int64_t r0, int64_t r1) {
+      time_lstm_forward_rows(variant, L, r0, r1, H, g, dt + off, peep, time_w, cs, cells + off * H,
+                             cts != nullptr ? cts + off * H : nullptr, out + off * H, hs);
+    });
+  }
+}
+
+template <typename T>
+void time_lstm_backward_block(int variant, TimeLstmLayout L, const Schedule& s, RowBlock blk,
+                              int64_t H, const T* w_hh, const T* peep, const T* time_w,
+                              const T* gates, const T* cells, const T* cts, const T* c0,
+                              const T* grad_out, T* dh_state, T* dc_state, T* dgates) {
+  const int64_t G = L.gates * H, Gh = L.h_gates * H;
+  for (int64_t k = s.steps - 1; k >= 0; --k) {
+    const int64_t t = s.time_at(k);
+    const int64_t n = blk.rows_at(s, t);
+    if (n == 0) continue;
+    const int64_t base = s.offsets[t];
+    const auto c_prev = prev_rows(s, k, cells, c0, H);
+    for_rows(n, G, [&](int64_t r0, int64_t r1) {
+      time_lstm_backward_rows(variant, L, blk.lo + r0, blk.lo + r1, H, gates + base * G,
+                              cells + base * H, cts != nullptr ? cts + base * H : nullptr, c_prev,
+                              peep, time_w, grad_out + base * H, dh_state, dc_state,
+                              dgates + base * G);
+    });
+    recurrent_gemm<T>(n, Gh, H, dgates + (base + blk.lo) * G, G, w_hh, dh_state + blk.lo * H, H,
+                      /*accumulate=*/false);
+  }
+}
+
+template <typename T>
+void tlstm_forward_block(const Schedule& s, RowBlock blk, int64_t H, const T* w_hh_t,
+                         const T* w_d_t, const T* b_d, const T* dt, T* gates, T* cells, T* cs,
+                         T* out, T* h_state, T* c_state) {
+  const int64_t G = 4 * H;
+  T* hs = h_state + blk.lo * H;
+  T* c = c_state + blk.lo * H;
+  for (int64_t k = 0; k < s.steps; ++k) {
+    const int64_t t = s.time_at(k);
+    const int64_t n = blk.rows_at(s, t);
+    if (n == 0) continue;
+    const int64_t off = s.offsets[t] + blk.lo;
+    T* g = gates + off * G;
+    recurrent_gemm<T>(n, H, G, hs, H, w_hh_t, g, G, /*accumulate=*/true);
+    recurrent_gemm<T>(n, H, H, c, H, w_d_t, cs + off * H, H, /*accumulate=*/false);
+    for_rows(n, G, [&](int64_t r0, int64_t r1) {
+      tlstm_forward_rows(r0, r1, H, g, cs + off * H, b_d, dt + off, c, cells + off * H,
+                         out + off * H, hs);
+    });
+  }
+}
+
+template <typename T>
+void tlstm_backward_block(const Schedule& s, RowBlock blk, int64_t H, const T* w_hh,
+                          const T* w_d, const T* gates, const T* cells, const T* cs, const T* c0,
+                          const T* dt, const T* grad_out, T* dh_state, T* dc_state, T* dgates,
+                          T* d_pre, T* dstar_cs) {
+  const int64_t G = 4 * H;
+  for (int64_t k = s.steps - 1; k >= 0; --k) {
+    const int64_t t = s.time_at(k);
+    const int64_t n = blk.rows_at(s, t);
+    if (n == 0) continue;
+    const int64_t base = s.offsets[t];
+    const auto c_prev = prev_rows(s, k, cells, c0, H);
+    for_rows(n, G, [&](int64_t r0, int64_t r1) {
+      tlstm_backward_rows(blk.lo + r0, blk.lo + r1, H, gates + base * G, cells + base * H,
+                          cs + base * H, c_prev, dt + base, grad_out + base * H, dh_state,
+                          dc_state, dgates + base * G, d_pre + base * H, dstar_cs + base * H);
+    });
+    const int64_t row0 = base + blk.lo;
+    recurrent_gemm<T>(n, G, H, dgates + row0 * G, G, w_hh, dh_state + blk.lo * H, H,
+                      /*accumulate=*/false);
+    recurrent_gemm<T>(n, H, H, d_pre + row0 * H, H, w_d, dc_state + blk.lo * H, H,
+                      /*accumulate=*/true);
+  }
+}
+
+// ---- ops ---------------------------------------------------------------------------------------
+
+struct TimeShapes {
+  int64_t N, B, H;
+};
+
+TimeShapes check_time_args(const char* cell, const at::Tensor& input, const at::Tensor& delta_t,
+                           const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
+                           const at::Tensor& w_hh, int64_t gates, int64_t h_gates) {
+  check_rows_input(input, cell);
+  check_cpu_dtype(input, cell);
+  check_delta_t(delta_t, input);
+  TORCH_CHECK(h0.dim() == 2, "timerec_fast.", cell, ": h0 must be 2-D, got ", h0.sizes());
+  TimeShapes d{input.size(0), h0.size(0), h0.size(1)};
+  check_matrix(c0, "c0", d.B, d.H, input);
+  check_matrix(h0, "h0", d.B, d.H, input);
+  check_matrix(w_ih, "w_ih", gates * d.H, input.size(1), input);
+  check_matrix(w_hh, "w_hh", h_gates * d.H, d.H, input);
+  return d;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+time_lstm_forward_cpu(const at::Tensor& input, const at::Tensor& delta_t,
+                      const at::Tensor& batch_sizes, const at::Tensor& h0, const at::Tensor& c0,
+                      const at::Tensor& w_ih, const at::Tensor& w_hh,
+                      const c10::optional<at::Tensor>& bias, const at::Tensor& peep,
+                      const at::Tensor& time_w, int64_t variant, bool reverse) {
+  const auto L = TimeLstmLayout::of(variant);
+  const auto d = check_time_args("TimeLSTM", input, delta_t, h0, c0, w_ih, w_hh, L.gates, L.h_gates);
+  check_vector(bias, "bias", L.gates * d.H, input);
+  check_matrix(peep, "peep", 3, d.H, input);
+  check_matrix(time_w, "time_w", 3, d.H, input);
+  const Schedule s = make_schedule(batch_sizes, d.N, d.B, reverse);
+  at::Tensor gates = input_projection(input, w_ih, bias);
+  auto opts = input.options();
+  at::Tensor cells = at::empty({d.N, d.H}, opts);
+  at::Tensor cts = variant == kTimeLstm1 ? at::empty({0}, opts) : at::empty({d.N, d.H}, opts);
+  at::Tensor out = at::empty({d.N, d.H}, opts);
+  at::Tensor h_state = h0.clone(at::MemoryFormat::Contiguous);
+  at::Tensor c_state = c0.clone(at::MemoryFormat::Contiguous);
+  at::Tensor w_hh_t = w_hh.t().contiguous(), dt = delta_t.contiguous();
+  at::Tensor peep_c = peep.contiguous(), time_w_c = time_w.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "timerec_fast_time_lstm_forward", [&] {
+    for_blocks(split_batch(s, kMinRowsPerBlock), [&](RowBlock blk) {
+      time_lstm_forward_block<scalar_t>(
+          static_cast<int>(variant), L, s, blk, d.H, w_hh_t.data_ptr<scalar_t>(),
+          dt.data_ptr<scalar_t>(), peep_c.data_ptr<scalar_t>(), time_w_c.data_ptr<scalar_t>(),
+          gates.data_ptr<scalar_t>(), cells.data_ptr<scalar_t>(),
+          variant == kTimeLstm1 ? nullptr : cts.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+          h_state.data_ptr<scalar_t>(), c_state.data_ptr<scalar_t>());
+    });
+  });
+  return {out, h_state, c_state, gates, cells, cts};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+           at::Tensor, at::Tensor>
+time_lstm_backward_cpu(const c10::optional<at::Tensor>& grad_output,
+                       const c10::optional<at::Tensor>& grad_h_n,
+                       const c10::optional<at::Tensor>& grad_c_n, const at::Tensor& input,
+                       const at::Tensor& delta_t, const at::Tensor& batch_sizes,
+                       const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
+                       const at::Tensor& w_hh, const at::Tensor& peep, const at::Tensor& time_w,
+                       const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cells,
+                       const at::Tensor& cts, int64_t variant, bool reverse, bool input_grad) {
+  const auto L = TimeLstmLayout::of(variant);
+  const auto d = check_time_args("TimeLSTM", input, delta_t, h0, c0, w_ih, w_hh, L.gates, L.h_gates);
+  const Schedule s = make_schedule(batch_sizes, d.N, d.B, reverse);
+  const int64_t H = d.H, G = L.gates * H, Gh = L.h_gates * H;
+  check_matrix(gates, "gates", d.N, G, input);
+  check_matrix(cells, "cells", d.N, H, input);
+  if (variant != kTimeLstm1) check_matrix(cts, "cts", d.N, H, input);
+  auto opts = input.options();
+  at::Tensor gy = grad_or_zeros(grad_output, {d.N, H}, input);
+  at::Tensor dh_state = grad_or_zeros(grad_h_n, {d.B, H}, input).clone(at::MemoryFormat::Contiguous);
+  at::Tensor dc_state = grad_or_zeros(grad_c_n, {d.B, H}, input).clone(at::MemoryFormat::Contiguous);
+  at::Tensor dgates = at::empty({d.N, G}, opts);
+  at::Tensor h_prev = at::empty({d.N, H}, opts), c_prev = at::empty({d.N, H}, opts);
+  at::Tensor gates_c = gates.contiguous(), cells_c = cells.contiguous();
+  at::Tensor cts_c = variant == kTimeLstm1 ? cells_c : cts.contiguous();
+  at::Tensor c0_c = c0.contiguous(), h0_c = h0.contiguous(), out_c = output.contiguous();
+  at::Tensor w_hh_c = w_hh.contiguous(), peep_c = peep.contiguous(), time_w_c = time_w.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "timerec_fast_time_lstm_backward", [&] {
+    for_blocks(split_batch(s, kMinRowsPerBlock), [&](RowBlock blk) {
+      time_lstm_backward_block<scalar_t>(
+          static_cast<int>(variant), L, s, blk, H, w_hh_c.data_ptr<scalar_t>(),
+          peep_c.data_ptr<scalar_t>(), time_w_c.data_ptr<scalar_t>(),
+          gates_c.data_ptr<scalar_t>(), cells_c.data_ptr<scalar_t>(),
+          variant == kTimeLstm1 ? nullptr : cts_c.data_ptr<scalar_t>(), c0_c.data_ptr<scalar_t>(),
+          gy.data_ptr<scalar_t>(), dh_state.data_ptr<scalar_t>(), dc_state.data_ptr<scalar_t>(),
+          dgates.data_ptr<scalar_t>());
+    });
+    gather_prev_states<scalar_t>(s, out_c.data_ptr<scalar_t>(), h0_c.data_ptr<scalar_t>(), H,
+                                 h_prev.data_ptr<scalar_t>());
+    gather_prev_states<scalar_t>(s, cells_c.data_ptr<scalar_t>(), c0_c.data_ptr<scalar_t>(), H,
+                                 c_prev.data_ptr<scalar_t>());
+  });
+  // Per-unit vectors and delta_t: reductions of the pre-activation gradients.
+  auto gate = [&](int idx) { return dgates.narrow(1, idx * H, H); };
+  at::Tensor dt_col = delta_t.unsqueeze(1);
+  at::Tensor w_t1 = time_w[0], w_t2 = time_w[1], w_o = time_w[2];
+  at::Tensor zeros_h = at::zeros({H}, opts);
+  at::Tensor grad_peep = at::stack({(gate(L.i) * c_prev).sum(0),
+                                    L.f >= 0 ? (gate(L.f) * c_prev).sum(0) : zeros_h,
+                                    (gate(L.o) * cts_c).sum(0)});
+  at::Tensor s1 = at::sigmoid(dt_col * w_t1);
+  at::Tensor e1 = gate(L.t1) * s1 * (1 - s1);  // gradient of dt * w_t1
+  at::Tensor grad_dt = (e1 * w_t1).sum(1) + (gate(L.o) * w_o).sum(1);
+  at::Tensor grad_w_t2 = zeros_h;
+  if (L.t2 >= 0) {
+    at::Tensor s2 = at::sigmoid(dt_col * w_t2);
+    at::Tensor e2 = gate(L.t2) * s2 * (1 - s2);
+    grad_dt = grad_dt + (e2 * w_t2).sum(1);
+    grad_w_t2 = (e2 * dt_col).sum(0);
+  }
+  at::Tensor grad_time_w =
+      at::stack({(e1 * dt_col).sum(0), grad_w_t2, (gate(L.o) * dt_col).sum(0)});
+  at::Tensor grad_input = input_grad ? at::mm(dgates, w_ih) : at::empty({0}, opts);
+  return {grad_input, grad_dt, dh_state, dc_state, at::mm(dgates.t(), input),
+          at::mm(dgates.narrow(1, 0, Gh).t(), h_prev), dgates.sum(0), grad_peep, grad_time_w};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+tlstm_forward_cpu(const at::Tensor& input, const at::Tensor& delta_t,
+                  const at::Tensor& batch_sizes, const at::Tensor& h0, const at::Tensor& c0,
+                  const at::Tensor& w_ih, const at::Tensor& w_hh,
+                  const c10::optional<at::Tensor>& bias, const at::Tensor& w_d,
+                  const c10::optional<at::Tensor>& b_d, bool reverse) {
+  const auto d = check_time_args("TimeLSTM(tlstm)", input, delta_t, h0, c0, w_ih, w_hh, 4, 4);
+  check_vector(bias, "bias", 4 * d.H, input);
+  check_matrix(w_d, "w_d", d.H, d.H, input);
+  check_vector(b_d, "b_d", d.H, input);
+  const Schedule s = make_schedule(batch_sizes, d.N, d.B, reverse);
+  at::Tensor gates = input_projection(input, w_ih, bias);
+  auto opts = input.options();
+  at::Tensor cells = at::empty({d.N, d.H}, opts), cs = at::empty({d.N, d.H}, opts);
+  at::Tensor out = at::empty({d.N, d.H}, opts);
+  at::Tensor h_state = h0.clone(at::MemoryFormat::Contiguous);
+  at::Tensor c_state = c0.clone(at::MemoryFormat::Contiguous);
+  at::Tensor w_hh_t = w_hh.t().contiguous(), w_d_t = w_d.t().contiguous();
+  at::Tensor dt = delta_t.contiguous();
+  at::Tensor b_d_c = b_d.has_value() ? b_d->contiguous() : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "timerec_fast_tlstm_forward", [&] {
+    for_blocks(split_batch(s, kMinRowsPerBlock), [&](RowBlock blk) {
+      tlstm_forward_block<scalar_t>(
+          s, blk, d.H, w_hh_t.data_ptr<scalar_t>(), w_d_t.data_ptr<scalar_t>(),
+          b_d.has_value() ? b_d_c.data_ptr<scalar_t>() : nullptr, dt.data_ptr<scalar_t>(),
+          gates.data_ptr<scalar_t>(), cells.data_ptr<scalar_t>(), cs.data_ptr<scalar_t>(),
+          out.data_ptr<scalar_t>(), h_state.data_ptr<scalar_t>(), c_state.data_ptr<scalar_t>());
+    });
+  });
+  return {out, h_state, c_state, gates, cells, cs};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+           at::Tensor, at::Tensor>
+tlstm_backward_cpu(const c10::optional<at::Tensor>& grad_output,
+                   const c10::optional<at::Tensor>& grad_h_n,
+                   const c10::optional<at::Tensor>& grad_c_n, const at::Tensor& input,
+                   const at::Tensor& delta_t, const at::Tensor& batch_sizes, const at::Tensor& h0,
+                   const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                   const at::Tensor& w_d, const at::Tensor& output, const at::Tensor& gates,
+                   const at::Tensor& cells, const at::Tensor& cs, bool reverse, bool input_grad) {
+  const auto d = check_time_args("TimeLSTM(tlstm)", input, delta_t, h0, c0, w_ih, w_hh, 4, 4);
+  const Schedule s = make_schedule(batch_sizes, d.N, d.B, reverse);
+  const int64_t H = d.H;
+  check_matrix(gates, "gates", d.N, 4 * H, input);
+  check_matrix(cells, "cells", d.N, H, input);
+  check_matrix(cs, "cs", d.N, H, input);
+  auto opts = input.options();
+  at::Tensor gy = grad_or_zeros(grad_output, {d.N, H}, input);
+  at::Tensor dh_state = grad_or_zeros(grad_h_n, {d.B, H}, input).clone(at::MemoryFormat::Contiguous);
+  at::Tensor dc_state = grad_or_zeros(grad_c_n, {d.B, H}, input).clone(at::MemoryFormat::Contiguous);
+  at::Tensor dgates = at::empty({d.N, 4 * H}, opts);
+  at::Tensor d_pre = at::empty({d.N, H}, opts), dstar_cs = at::empty({d.N, H}, opts);
+  at::Tensor h_prev = at::empty({d.N, H}, opts), c_prev = at::empty({d.N, H}, opts);
+  at::Tensor gates_c = gates.contiguous(), cells_c = cells.contiguous(), cs_c = cs.contiguous();
+  at::Tensor c0_c = c0.contiguous(), h0_c = h0.contiguous(), out_c = output.contiguous();
+  at::Tensor w_hh_c = w_hh.contiguous(), w_d_c = w_d.contiguous(), dt = delta_t.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "timerec_fast_tlstm_backward", [&] {
+    for_blocks(split_batch(s, kMinRowsPerBlock), [&](RowBlock blk) {
+      tlstm_backward_block<scalar_t>(
+          s, blk, H, w_hh_c.data_ptr<scalar_t>(), w_d_c.data_ptr<scalar_t>(),
+          gates_c.data_ptr<scalar_t>(), cells_c.data_ptr<scalar_t>(), cs_c.data_ptr<scalar_t>(),
+          c0_c.data_ptr<scalar_t>(), dt.data_ptr<scalar_t>(), gy.data_ptr<scalar_t>(),
+          dh_state.data_ptr<scalar_t>(), dc_state.data_ptr<scalar_t>(),
+          dgates.data_ptr<scalar_t>(), d_pre.data_ptr<scalar_t>(), dstar_cs.data_ptr<scalar_t>());
+    });
+    gather_prev_states<scalar_t>(s, out_c.data_ptr<scalar_t>(), h0_c.data_ptr<scalar_t>(), H,
+                                 h_prev.data_ptr<scalar_t>());
+    gather_prev_states<scalar_t>(s, cells_c.data_ptr<scalar_t>(), c0_c.data_ptr<scalar_t>(), H,
+                                 c_prev.data_ptr<scalar_t>());
+  });
+  // d decay / d dt, elementwise on delta_t (the same formula as tlstm_decay_grad).
+  at::Tensor l = at::log(delta_t + 2.718281828459045);
+  at::Tensor grad_dt = dstar_cs.sum(1) * (-1.0 / (l * l * (delta_t + 2.718281828459045)));
+  at::Tensor grad_input = input_grad ? at::mm(dgates, w_ih) : at::empty({0}, opts);
+  return {grad_input, grad_dt, dh_state, dc_state, at::mm(dgates.t(), input),
+          at::mm(dgates.t(), h_prev), dgates.sum(0), at::mm(d_pre.t(), c_prev), d_pre.sum(0)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(timerec_fast, CPU, m) {
+  m.impl("time_lstm_forward", &time_lstm_forward_cpu);
+  m.impl("time_lstm_backward", &time_lstm_backward_cpu);
+  m.impl("tlstm_forward", &tlstm_forward_cpu);
+  m.impl("tlstm_backward", &tlstm_backward_cpu);
+}
+
+}  // namespace timerec::cpu
