@@ -302,3 +302,28 @@ def test_compile_fullgraph_raw_ops(fresh_dynamo):
             loss, [t for i, t in enumerate(leaves) if i != 1] + weights)))
     for x, y in zip(*grads):
         torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6)
+
+
+def test_double_backward_is_correct_or_refused():
+    """Second-order gradients (gradient penalties, MAML): either right (as torch.nn.LSTM gives
+    them in fp64 on the CPU) or a clear error -- never silently missing or zero."""
+    dtype = torch.float64
+    ref = torch.nn.LSTM(I, H, dtype=dtype)
+    ours = timerec_fast.LSTM(I, H, dtype=dtype)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(5, 2, I, dtype=dtype)
+    results = []
+    for m in (ref, ours):
+        xl = x.clone().requires_grad_()
+        try:
+            out = m(xl)[0]
+            g, = torch.autograd.grad(out.square().sum(), xl, create_graph=True)
+            gg = torch.autograd.grad(g.square().sum(), [xl, m.weight_hh_l0], allow_unused=True)
+        except (RuntimeError, NotImplementedError):
+            assert m is ours, "torch.nn.LSTM supports double backward in fp64 on the CPU"
+            return
+        results.append(gg)
+    (r_x, r_w), (o_x, o_w) = results
+    assert o_x is not None and o_w is not None, "second-order gradients silently dropped"
+    torch.testing.assert_close(o_x, r_x, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(o_w, r_w, rtol=1e-8, atol=1e-10)

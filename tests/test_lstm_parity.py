@@ -20,16 +20,16 @@ KINDS = ("padded", "unbatched", "packed_sorted", "packed_unsorted")
 
 
 def _make_input(kind, batch_first, dtype, scale=1.0):
-    """Returns (leaf tensor whose gradient is compared, module input built from it)."""
+    """Returns (base tensor, builder of the module input from a leaf copy of it, or None when the
+    leaf itself is the input)."""
     if kind == "unbatched":
-        x = (scale * torch.randn(T, I, dtype=dtype)).requires_grad_()
-        return x, x
+        return scale * torch.randn(T, I, dtype=dtype), None
     shape = (B, T, I) if batch_first else (T, B, I)
-    x = (scale * torch.randn(*shape, dtype=dtype)).requires_grad_()
+    x = scale * torch.randn(*shape, dtype=dtype)
     if kind == "padded":
-        return x, x
-    lengths = LENGTHS_SORTED if kind == "packed_sorted" else LENGTHS_UNSORTED
-    return x, (lambda leaf: pack_padded_sequence(leaf, torch.tensor(lengths), batch_first=batch_first,
+        return x, None
+    lengths = torch.tensor(LENGTHS_SORTED if kind == "packed_sorted" else LENGTHS_UNSORTED)
+    return x, (lambda leaf: pack_padded_sequence(leaf, lengths, batch_first=batch_first,
                                                  enforce_sorted=kind == "packed_sorted"))
 
 
@@ -40,10 +40,10 @@ def _make_hx(kind, num_layers, bidirectional, proj_size, dtype, batch=B):
     return torch.randn(*lead, hout, dtype=dtype), torch.randn(*lead, H, dtype=dtype)
 
 
-def _run(module, x_base, build, hx_base, weights=None):
-    """Forward + weighted backward on fresh leaves cloned from the base tensors."""
+def _run(module, x_base, build, hx_base):
+    """Forward on fresh leaves cloned from the base tensors."""
     x = x_base.detach().clone().requires_grad_()
-    inp = build(x) if callable(build) else x
+    inp = build(x) if build is not None else x
     hx = None
     if hx_base is not None:
         hx = tuple(t.detach().clone().requires_grad_() for t in hx_base)
@@ -144,6 +144,31 @@ def test_lstm_parity_large_batch(dtype, proj, lstm_utils):
     _compare(ref, ours, x,
              lambda leaf: pack_padded_sequence(leaf, lengths, enforce_sorted=False), hx, dtype,
              lstm_utils)
+
+
+@pytest.fixture
+def restore_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_thread_count_does_not_change_results(packed, restore_threads, lstm_utils):
+    """The batch is split into per-thread row blocks (balanced by sequence length); 1, 2 and 3
+    threads must agree with each other and with torch."""
+    dtype = torch.float64
+    ref, ours = lstm_utils.pair(dict(input_size=I, hidden_size=H, num_layers=2,
+                                     bidirectional=True, proj_size=P), dtype)
+    batch = 37
+    x = torch.randn(T, batch, I, dtype=dtype)
+    hx = _make_hx("padded", 2, True, P, dtype, batch=batch)
+    lengths = torch.randint(1, T + 1, (batch,))
+    build = (lambda leaf: pack_padded_sequence(leaf, lengths, enforce_sorted=False)) \
+        if packed else None
+    for threads in (1, 2, 3):
+        torch.set_num_threads(threads)
+        _compare(ref, ours, x, build, hx, dtype, lstm_utils)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -424,3 +449,49 @@ def test_nan_propagates_like_torch(dtype, where, proj, lstm_utils):
         u.close(o[keep], r[keep], dtype, msg=name)
     # The NaN stays within its batch row.
     assert not torch.isnan(oout[:, 0]).any()
+
+
+# ---- autograd modes ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_forward_without_autograd(mode, lstm_utils):
+    dtype = torch.float64
+    ref, ours = lstm_utils.pair(dict(input_size=I, hidden_size=H, num_layers=2,
+                                     bidirectional=True, proj_size=P), dtype)
+    x = torch.randn(T, B, I, dtype=dtype)
+    ctx = torch.no_grad if mode == "no_grad" else torch.inference_mode
+    with ctx():
+        oout, (oh, oc) = ours(x)
+        rout, (rh, rc) = ref(x)
+    assert not oout.requires_grad and not oh.requires_grad
+    for a, b in ((oout, rout), (oh, rh), (oc, rc)):
+        lstm_utils.close(a, b, dtype)
+
+
+def test_frozen_parameters_and_input_without_grad(lstm_utils):
+    """Only some leaves require grad (fine-tuning): the rest get none, the others match torch."""
+    dtype = torch.float64
+    ref, ours = lstm_utils.pair(dict(input_size=I, hidden_size=H, num_layers=2,
+                                     bidirectional=True, proj_size=P), dtype)
+    frozen = {"weight_ih_l0", "bias_hh_l1_reverse", "weight_hr_l0", "bias_ih_l0"}
+    grads = []
+    x = torch.randn(T, B, I, dtype=dtype)  # no requires_grad
+    h0, c0 = _make_hx("padded", 2, True, P, dtype)
+    c0.requires_grad_()
+    w = None
+    for m in (ref, ours):
+        for n, p in m.named_parameters():
+            p.requires_grad_(n not in frozen)
+        c0.grad = None
+        out, (h, c) = m(x, (h0, c0))
+        w = w or lstm_utils.loss_weights(out, h, c)
+        lstm_utils.weighted_loss(out, h, c, w).backward()
+        grads.append(({n: p.grad for n, p in m.named_parameters()}, c0.grad.clone()))
+    (rg, rc0), (og, oc0) = grads
+    lstm_utils.close(oc0, rc0, dtype, grad=True)
+    for n in rg:
+        if n in frozen:
+            assert og[n] is None, n
+        else:
+            lstm_utils.close(og[n], rg[n], dtype, grad=True, msg=n)
