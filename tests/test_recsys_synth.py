@@ -41,7 +41,7 @@ def test_time_information_helps(tmp_path):
         data = InteractionData.from_arrays(*generate(n_users=300, seed=0))
         res = {}
         for model in ("timelstm", "gru"):
-            cfg = TrainConfig(model=model, epochs=25, patience=3, hidden=64, emb_dim=64, lr=5e-3, batch_size=64,
+            cfg = TrainConfig(model=model, epochs=25, patience=3, hidden=64, emb_dim=64, lr=5e-3, batch_size=16,
                               dropout=0.1, seed=0)
             res[model] = train(data, cfg, str(tmp_path / model), printer=lambda *_: None,
                                progress=False)["test"]

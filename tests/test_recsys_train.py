@@ -32,7 +32,7 @@ def synth_data():
 
 
 def cfg(**kw):
-    base = dict(epochs=2, hidden=32, emb_dim=32, batch_size=32, lr=5e-3, seed=3, patience=10, dropout=0.1)
+    base = dict(epochs=2, hidden=32, emb_dim=32, batch_size=16, lr=5e-3, seed=3, patience=10, dropout=0.1)
     base.update(kw)
     return TrainConfig(**base)
 

@@ -222,7 +222,7 @@ def cmd_demo(args) -> int:
     for m in models:
         print(f"\n== training {m}")
         cfg = TrainConfig(model=m, epochs=args.epochs, patience=args.patience, seed=args.seed, hidden=64,
-                          emb_dim=64, lr=5e-3, batch_size=64, max_len=50, dropout=0.1)
+                          emb_dim=64, lr=5e-3, batch_size=16, max_len=50, dropout=0.1)
         res = train(data, cfg, os.path.join(out, m), progress=sys.stderr.isatty())
         results[m] = res["test"]
         extra[m] = (f"{res['epochs_run']} epochs, {res['seconds_per_epoch']:.2f} s/epoch, "

@@ -145,7 +145,7 @@ class SeqRecommender(nn.Module):
         return self.proj(self.drop(h))
 
     def scores_from_hidden(self, h: torch.Tensor) -> torch.Tensor:
-        return self.user_vectors(h) @ self.item_emb.weight.t() + self.item_bias
+        return torch.addmm(self.item_bias, self.user_vectors(h), self.item_emb.weight.t())
 
     def score_batch(self, batch: Batch) -> torch.Tensor:
         """Scores (B, n_items) for the item after each sequence's last event, batch order."""
@@ -159,7 +159,7 @@ class SeqRecommender(nn.Module):
         z = self.user_vectors(out.data)
         tgt = batch.targets.data
         if loss == "full":
-            logits = z @ self.item_emb.weight.t() + self.item_bias
+            logits = torch.addmm(self.item_bias, z, self.item_emb.weight.t())
             return F.cross_entropy(logits, tgt)
         if loss == "sampled":
             return sampled_softmax_loss(z, tgt, self.item_emb.weight, self.item_bias, n_neg, sampler_logq)

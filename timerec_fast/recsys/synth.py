@@ -28,7 +28,7 @@ import numpy as np
 DAY = 86400.0
 
 
-def generate(n_users: int = 500, n_topics: int = 16, items_per_topic: int = 40, sessions_per_user: float = 14.0,
+def generate(n_users: int = 600, n_topics: int = 8, items_per_topic: int = 24, sessions_per_user: float = 14.0,
              seed: int = 0) -> Tuple[List[str], List[str], List[float]]:
     """Return ``(users, items, timestamps)`` lists (raw ids as strings, unix seconds)."""
     rng = np.random.default_rng(seed)
@@ -45,7 +45,7 @@ def generate(n_users: int = 500, n_topics: int = 16, items_per_topic: int = 40, 
         topic, prev_topic = None, None
         n_sessions = 3 + rng.poisson(max(sessions_per_user - 3, 0))
         for s in range(n_sessions):
-            kind = "new" if s == 0 else rng.choice(["break", "new", "comeback"], p=[0.3, 0.4, 0.3])
+            kind = "new" if s == 0 else rng.choice(["break", "new", "comeback"], p=[0.35, 0.25, 0.4])
             if kind == "break" and topic is not None:
                 # short break (20 min .. 3 h): over to the companion series (topic ^ 1), same episode
                 t += float(np.exp(rng.uniform(np.log(20 * 60), np.log(3 * 3600))))
