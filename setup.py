@@ -62,7 +62,7 @@ setup(
     ext_modules=[make_extension()],
     cmdclass={"build_ext": BuildExtension},
     python_requires=">=3.9",
-    install_requires=["torch>=2.4", "numpy"],
+    install_requires=["torch>=2.4", "numpy", "tqdm", "matplotlib"],
     extras_require={"test": ["pytest", "pytest-benchmark", "expecttest"]},
     zip_safe=False,
 )

@@ -16,6 +16,41 @@ def _empty(like):
     return like.new_empty((0,))
 
 
+def _needs_autograd(tensors):
+    """False when no autograd graph can be recorded: the op can then skip the Python autograd
+    wrapper (tens of microseconds per call, which is most of a B=1 step sequence)."""
+    if torch.compiler.is_compiling():
+        return True  # tracing must see the autograd-registered op
+    if not torch.is_grad_enabled():
+        return False
+    return any(t is not None and t.requires_grad for t in tensors)
+
+
+def call_op(op, args, differentiable):
+    if _needs_autograd(differentiable):
+        return op(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)
+
+
+def _refuse_double_backward(name):
+    """Backward ops have no derivative of their own. Without this, create_graph=True would leave
+    second-order gradients silently missing; with it, they raise."""
+
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"timerec_fast: double backward through {name} is not supported (the fused recurrent "
+            "ops have first-order gradients only); use torch.nn's module for higher-order "
+            "gradients")
+
+    torch.library.register_autograd(f"timerec_fast::{name}", backward,
+                                    setup_context=lambda ctx, inputs, output: None)
+
+
+for _name in ("lstm_backward", "gru_backward", "time_lstm_backward", "tlstm_backward"):
+    _refuse_double_backward(_name)
+
+
 # ---------------------------------------------------------------------------------------------
 # LSTM
 
@@ -63,9 +98,10 @@ def _lstm_setup_context(ctx, inputs, output):
 
 def _lstm_backward(ctx, grad_out, grad_h_n, grad_c_n, _g_gates, _g_cells, _g_hpre):
     input, batch_sizes, h0, c0, w_ih, w_hh, w_hr, out, gates, cells, hpre = ctx.saved_tensors
-    d_in, d_h0, d_c0, d_w_ih, d_w_hh, d_b, d_w_hr = _ops.lstm_backward(
-        grad_out, grad_h_n, grad_c_n, input, batch_sizes, h0, c0, w_ih, w_hh, w_hr, out, gates,
-        cells, hpre, ctx.reverse, ctx.needs_input_grad[0])
+    args = (grad_out, grad_h_n, grad_c_n, input, batch_sizes, h0, c0, w_ih, w_hh, w_hr, out, gates,
+            cells, hpre, ctx.reverse, ctx.needs_input_grad[0])
+    d_in, d_h0, d_c0, d_w_ih, d_w_hh, d_b, d_w_hr = call_op(_ops.lstm_backward.default, args,
+                                                            args[:14])
     return (
         d_in if ctx.needs_input_grad[0] else None,
         None,
@@ -82,21 +118,6 @@ def _lstm_backward(ctx, grad_out, grad_h_n, grad_c_n, _g_gates, _g_cells, _g_hpr
 
 torch.library.register_autograd(
     "timerec_fast::lstm_forward", _lstm_backward, setup_context=_lstm_setup_context)
-
-
-def _needs_autograd(tensors):
-    """False when no autograd graph can be recorded: the op can then skip the Python autograd
-    wrapper (tens of microseconds per call, which is most of a B=1 step sequence)."""
-    if torch.compiler.is_compiling() or not torch.is_grad_enabled():
-        return torch.compiler.is_compiling()
-    return any(t is not None and t.requires_grad for t in tensors)
-
-
-def call_op(op, args, differentiable):
-    if _needs_autograd(differentiable):
-        return op(*args)
-    with torch._C._AutoDispatchBelowAutograd():
-        return op(*args)
 
 
 def lstm_layer(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None,
@@ -140,9 +161,9 @@ def _gru_setup_context(ctx, inputs, output):
 
 def _gru_backward(ctx, grad_out, grad_h_n, _g_gates, _g_hn):
     input, batch_sizes, h0, w_ih, w_hh, out, gates, hn = ctx.saved_tensors
-    d_in, d_h0, d_w_ih, d_w_hh, d_b_ih, d_b_hh = _ops.gru_backward(
-        grad_out, grad_h_n, input, batch_sizes, h0, w_ih, w_hh, out, gates, hn, ctx.reverse,
-        ctx.needs_input_grad[0])
+    args = (grad_out, grad_h_n, input, batch_sizes, h0, w_ih, w_hh, out, gates, hn, ctx.reverse,
+            ctx.needs_input_grad[0])
+    d_in, d_h0, d_w_ih, d_w_hh, d_b_ih, d_b_hh = call_op(_ops.gru_backward.default, args, args[:10])
     return (d_in if ctx.needs_input_grad[0] else None, None, d_h0, d_w_ih, d_w_hh,
             d_b_ih if ctx.has_b_ih else None, d_b_hh if ctx.has_b_hh else None, None)
 
@@ -194,9 +215,9 @@ def _time_lstm_setup_context(ctx, inputs, output):
 
 
 def _time_lstm_backward(ctx, grad_out, grad_h_n, grad_c_n, *_saved_grads):
-    saved = ctx.saved_tensors
-    grads = _ops.time_lstm_backward(grad_out, grad_h_n, grad_c_n, *saved, ctx.variant,
-                                    ctx.reverse, ctx.needs_input_grad[0])
+    args = (grad_out, grad_h_n, grad_c_n, *ctx.saved_tensors, ctx.variant, ctx.reverse,
+            ctx.needs_input_grad[0])
+    grads = call_op(_ops.time_lstm_backward.default, args, args[:16])
     d_in, d_dt, d_h0, d_c0, d_w_ih, d_w_hh, d_bias, d_peep, d_time_w = grads
     return (d_in if ctx.needs_input_grad[0] else None, d_dt, None, d_h0, d_c0, d_w_ih, d_w_hh,
             d_bias if ctx.has_bias else None, d_peep, d_time_w, None, None)
@@ -244,8 +265,8 @@ def _tlstm_setup_context(ctx, inputs, output):
 
 
 def _tlstm_backward(ctx, grad_out, grad_h_n, grad_c_n, *_saved_grads):
-    grads = _ops.tlstm_backward(grad_out, grad_h_n, grad_c_n, *ctx.saved_tensors, ctx.reverse,
-                                ctx.needs_input_grad[0])
+    args = (grad_out, grad_h_n, grad_c_n, *ctx.saved_tensors, ctx.reverse, ctx.needs_input_grad[0])
+    grads = call_op(_ops.tlstm_backward.default, args, args[:15])
     d_in, d_dt, d_h0, d_c0, d_w_ih, d_w_hh, d_bias, d_w_d, d_b_d = grads
     return (d_in if ctx.needs_input_grad[0] else None, d_dt, None, d_h0, d_c0, d_w_ih, d_w_hh,
             d_bias if ctx.has_bias else None, d_w_d, d_b_d if ctx.has_b_d else None, None)

@@ -14,7 +14,6 @@ from . import ops
 # The torch.nn classes, captured before any patch_torch() so subclasses and the undo stay correct.
 TorchLSTM = nn.LSTM
 TorchLSTMCell = nn.LSTMCell
-TorchGRU = nn.GRU
 TorchGRUCell = nn.GRUCell
 
 
@@ -61,7 +60,17 @@ class _FusedRNNMixin:
         return states if len(states) > 1 else states[0]
 
     def _unpack_states(self, hx):
-        return tuple(hx) if isinstance(hx, (tuple, list)) else (hx,)
+        count = len(self._state_sizes())
+        if count > 1:
+            if not isinstance(hx, (tuple, list)) or len(hx) != count:
+                got = (f"a single tensor of shape {tuple(hx.shape)}" if isinstance(hx, torch.Tensor)
+                       else repr(type(hx).__name__))
+                raise RuntimeError(f"{self._cell_name}: hx must be a tuple (h_0, c_0) of "
+                                   f"{count} tensors, got {got}")
+            return tuple(hx)
+        if not isinstance(hx, torch.Tensor):
+            raise RuntimeError(f"{self._cell_name}: hx must be a tensor, got {type(hx).__name__}")
+        return (hx,)
 
     def _check_state_meta(self, states, x):
         for i, s in enumerate(states):
@@ -121,9 +130,17 @@ class _FusedRNNMixin:
         else:
             rows = _time_major_rows(x, self.batch_first)
             steps = x.shape[1] if self.batch_first else x.shape[0]
+            if steps == 0:
+                raise RuntimeError(f"{name}: Expected sequence length to be larger than 0, got "
+                                   f"input of shape {tuple(x.shape)}")
             batch_sizes = torch.full((steps,), batch, dtype=torch.int64)
 
-        out, finals = self._run_layers(rows, batch_sizes, states, extra_rows)
+        if batch == 0:  # torch.nn returns empty outputs and the (empty) states
+            num_directions = 2 if self.bidirectional else 1
+            width = num_directions * self._state_sizes()[0]
+            out, finals = rows.new_zeros((0, width)), states
+        else:
+            out, finals = self._run_layers(rows, batch_sizes, states, extra_rows)
 
         if unsorted_indices is not None:
             finals = tuple(s.index_select(1, unsorted_indices) for s in finals)
@@ -161,15 +178,24 @@ class _FusedRNNMixin:
         """Accepted for torch.nn compatibility; the fused ops need no flat weight buffer."""
 
 
-class LSTM(_FusedRNNMixin, TorchLSTM):
+class LSTM(_FusedRNNMixin, nn.RNNBase):
     """Drop-in ``torch.nn.LSTM`` running on the fused whole-sequence ops.
 
-    Same constructor, parameters (names, shapes, gate order i, f, g, o, initialisation), inputs and
-    outputs as ``torch.nn.LSTM``; ``isinstance(m, torch.nn.LSTM)`` holds and state_dicts load both
-    ways.
+    Same constructor, parameters (names, shapes, gate order i, f, g, o, initialisation), inputs,
+    outputs and errors as ``torch.nn.LSTM``; state_dicts load both ways. It derives from
+    ``torch.nn.RNNBase`` like ``torch.nn.LSTM`` does, but not from ``torch.nn.LSTM`` itself:
+    ``torch.compile`` refuses every ``torch.nn.LSTM`` instance, and fullgraph compilation is one
+    of the points of this class.
     """
 
     _cell_name = "LSTM"
+    # torch.nn.LSTM's argument checks, reused as they are so errors read the same.
+    get_expected_cell_size = TorchLSTM.get_expected_cell_size
+    check_forward_args = TorchLSTM.check_forward_args
+    permute_hidden = TorchLSTM.permute_hidden
+
+    def __init__(self, *args, **kwargs):
+        super().__init__("LSTM", *args, **kwargs)
 
     def _state_sizes(self):
         return (self.proj_size if self.proj_size > 0 else self.hidden_size, self.hidden_size)
@@ -225,6 +251,13 @@ def _cell_inputs(name, input, hx, hidden_size, num_states):
     return input, states, is_batched, torch.full((1,), batch, dtype=torch.int64)
 
 
+def _cell_step(layer_fn, input, states, batch_sizes, *weights):
+    """One step of a layer op; an empty batch returns the (empty) states as torch.nn does."""
+    if input.shape[0] == 0:
+        return states
+    return layer_fn(input, batch_sizes, *states, *weights)[1:]
+
+
 def _check_cell_weights(name, input, cell):
     if input.shape[1] != cell.input_size:
         raise RuntimeError(f"{name}: input has inconsistent input_size: got {input.shape[1]} "
@@ -241,20 +274,26 @@ class LSTMCell(TorchLSTMCell):
         input, (h0, c0), is_batched, batch_sizes = _cell_inputs("LSTMCell", input, hx,
                                                                  self.hidden_size, 2)
         _check_cell_weights("LSTMCell", input, self)
-        _, h, c = ops.lstm_layer(input, batch_sizes, h0, c0, self.weight_ih, self.weight_hh,
-                                 self.bias_ih, self.bias_hh)
+        h, c = _cell_step(ops.lstm_layer, input, (h0, c0), batch_sizes, self.weight_ih,
+                          self.weight_hh, self.bias_ih, self.bias_hh)
         if not is_batched:
             return h.squeeze(0), c.squeeze(0)
         return h, c
 
 
-class GRU(_FusedRNNMixin, TorchGRU):
+class GRU(_FusedRNNMixin, nn.RNNBase):
     """Drop-in ``torch.nn.GRU`` running on the fused whole-sequence ops.
 
-    Same constructor, parameters (gate order r, z, n), inputs and outputs as ``torch.nn.GRU``.
+    Same constructor, parameters (gate order r, z, n), inputs and outputs as ``torch.nn.GRU``;
+    derives from ``torch.nn.RNNBase`` (not ``torch.nn.GRU``, which ``torch.compile`` refuses).
     """
 
     _cell_name = "GRU"
+
+    def __init__(self, *args, **kwargs):
+        if "proj_size" in kwargs:
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+        super().__init__("GRU", *args, **kwargs)
 
     def _state_sizes(self):
         return (self.hidden_size,)
@@ -282,6 +321,6 @@ class GRUCell(TorchGRUCell):
         input, (h0,), is_batched, batch_sizes = _cell_inputs("GRUCell", input, hx,
                                                              self.hidden_size, 1)
         _check_cell_weights("GRUCell", input, self)
-        _, h = ops.gru_layer(input, batch_sizes, h0, self.weight_ih, self.weight_hh, self.bias_ih,
-                             self.bias_hh)
+        (h,) = _cell_step(ops.gru_layer, input, (h0,), batch_sizes, self.weight_ih,
+                          self.weight_hh, self.bias_ih, self.bias_hh)
         return h if is_batched else h.squeeze(0)

@@ -143,7 +143,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_forward_cpu(
   check_vector(b_hh, "b_hh", 3 * H, input);
   const int64_t N = input.size(0), B = h0.size(0);
   const Schedule s = make_schedule(batch_sizes, N, B, reverse);
-  at::Tensor gates = input_projection(input, w_ih, b_ih);
+  at::Tensor gates = cpu_input_projection(input, w_ih, b_ih);
   auto opts = input.options();
   at::Tensor hn = at::empty({N, H}, opts);
   at::Tensor out = at::empty({N, H}, opts);

@@ -183,7 +183,7 @@ lstm_forward_cpu(const at::Tensor& input, const at::Tensor& batch_sizes, const a
   const Schedule s = make_schedule(batch_sizes, d.N, d.B, reverse);
 
   // Input projection for every step at once, biases folded in.
-  at::Tensor gates = input_projection(input, w_ih, b_ih, b_hh);
+  at::Tensor gates = cpu_input_projection(input, w_ih, b_ih, b_hh);
   auto opts = input.options();
   at::Tensor cells = at::empty({d.N, d.H}, opts);
   at::Tensor out = at::empty({d.N, d.P}, opts);

@@ -318,7 +318,7 @@ time_lstm_forward_cpu(const at::Tensor& input, const at::Tensor& delta_t,
   check_matrix(peep, "peep", 3, d.H, input);
   check_matrix(time_w, "time_w", 3, d.H, input);
   const Schedule s = make_schedule(batch_sizes, d.N, d.B, reverse);
-  at::Tensor gates = input_projection(input, w_ih, bias);
+  at::Tensor gates = cpu_input_projection(input, w_ih, bias);
   auto opts = input.options();
   at::Tensor cells = at::empty({d.N, d.H}, opts);
   at::Tensor cts = variant == kTimeLstm1 ? at::empty({0}, opts) : at::empty({d.N, d.H}, opts);
@@ -418,7 +418,7 @@ tlstm_forward_cpu(const at::Tensor& input, const at::Tensor& delta_t,
   check_matrix(w_d, "w_d", d.H, d.H, input);
   check_vector(b_d, "b_d", d.H, input);
   const Schedule s = make_schedule(batch_sizes, d.N, d.B, reverse);
-  at::Tensor gates = input_projection(input, w_ih, bias);
+  at::Tensor gates = cpu_input_projection(input, w_ih, bias);
   auto opts = input.options();
   at::Tensor cells = at::empty({d.N, d.H}, opts), cs = at::empty({d.N, d.H}, opts);
   at::Tensor out = at::empty({d.N, d.H}, opts);

@@ -44,7 +44,7 @@ TRF_HD void time_lstm_cell_forward(int variant, TimeLstmGates<T>& a, T c, T dt,
     a.f = T(0);
     a.t2 = sigmoid_act(a.t2 + sigmoid_act(dt * w.w_t2));
     ct = c + a.i * a.t1 * (a.g - c);
-    c_next = c + a.i * a.t2 * (a.g - c);
+    c_next = (T(1) - a.i) * c + a.i * a.t2 * a.g;
   } else {
     a.f = sigmoid_act(a.f + w.p_f * c);
     a.t2 = variant == kTimeLstm1 ? a.t1 : sigmoid_act(a.t2 + sigmoid_act(dt * w.w_t2));
@@ -72,12 +72,13 @@ TRF_HD T time_lstm_cell_backward(int variant, const TimeLstmGates<T>& a, T c, T 
   }
   T di, dt1, dt2, dc;
   if (variant == kTimeLstm3) {
+    // ct = c + i T1 (g - c);  c_next = (1 - i) c + i T2 g
     const T gc = a.g - c;
-    di = (dct * a.t1 + dcn * a.t2) * gc;
+    di = dct * a.t1 * gc + dcn * (a.t2 * a.g - c);
     d.g = (dct * a.t1 + dcn * a.t2) * a.i * (T(1) - a.g * a.g);
     dt1 = dct * a.i * gc;
-    dt2 = dcn * a.i * gc;
-    dc = dct * (T(1) - a.i * a.t1) + dcn * (T(1) - a.i * a.t2);
+    dt2 = dcn * a.i * a.g;
+    dc = dct * (T(1) - a.i * a.t1) + dcn * (T(1) - a.i);
     d.f = T(0);
   } else {
     const T df = (dct + dcn) * c;
