@@ -13,6 +13,7 @@ import subprocess
 
 import torch
 
+import reference_pairs  # noqa: F401  (registers the TimeLSTM/ref pair)
 from timerec_fast import bench
 
 
@@ -20,7 +21,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", help="write the rows and machine facts to this file")
-    parser.add_argument("--cells", default="LSTM", help="comma list of cells to time")
+    parser.add_argument("--cells", default=",".join(bench.PAIRS),
+                        help=f"comma list of pairs to time, from {', '.join(bench.PAIRS)}")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows, rate = [], bench.gemm_rate()

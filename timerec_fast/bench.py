@@ -8,10 +8,12 @@ import time
 
 import torch
 
-# (B, T, I, H) shapes of the core issue.
+# (B, T, I, H) shapes measured against torch.nn (and, for TimeLSTM, against timerec_fast.LSTM).
 LSTM_SHAPES = [(256, 50, 64, 64), (256, 50, 128, 128), (64, 200, 128, 256), (1, 50, 128, 128)]
+GRU_SHAPES = [(256, 50, 64, 64), (256, 50, 128, 128), (1, 50, 128, 128)]
+TIME_SHAPES = [(256, 50, 64, 64), (256, 50, 128, 128)]
 
-GATES = {"LSTM": 4, "GRU": 3, "TimeLSTM": 4}
+GATES = {"LSTM": 4, "GRU": 3, "TimeLSTM": 4, "TimeLSTM/LSTM": 4}
 
 
 def matmul_flops(cell, batch, steps, input_size, hidden_size, mode):
@@ -68,15 +70,15 @@ def make_step(module, x, mode, extra=None):
     return run
 
 
-def compare(cell, batch, steps, input_size, hidden_size, mode, ours, reference, extra=None,
-            rate=None):
-    """Times ours vs reference on the same input; returns a result row (dict)."""
+def compare(cell, batch, steps, input_size, hidden_size, mode, ours, reference, rate=None,
+            with_delta_t=(False, False)):
+    """Times ours vs reference on the same input; returns a result row (dict).
+    with_delta_t: whether (ours, reference) take a delta_t argument after the input."""
     torch.manual_seed(0)
     x = torch.randn(steps, batch, input_size)
-    if mode == "train":
-        x.requires_grad_(False)
-    t_ref = median_time(make_step(reference, x, mode, extra))
-    t_ours = median_time(make_step(ours, x, mode, extra))
+    dt = torch.rand(steps, batch) * 3
+    t_ref = median_time(make_step(reference, x, mode, dt if with_delta_t[1] else None))
+    t_ours = median_time(make_step(ours, x, mode, dt if with_delta_t[0] else None))
     row = dict(cell=cell, mode=mode, B=batch, T=steps, I=input_size, H=hidden_size,
                ms_ours=t_ours * 1e3, ms_ref=t_ref * 1e3, speedup=t_ref / t_ours)
     if rate:
@@ -97,27 +99,52 @@ def lstm_pair(input_size, hidden_size):
     return ours, ref
 
 
-PAIRS = {"LSTM": lstm_pair}
-SHAPES = {"LSTM": LSTM_SHAPES}
+def gru_pair(input_size, hidden_size):
+    from .rnn import GRU
+
+    torch.manual_seed(0)
+    ref = torch.nn.GRU(input_size, hidden_size)
+    ours = GRU(input_size, hidden_size)
+    ours.load_state_dict(ref.state_dict())
+    return ours, ref
+
+
+def time_lstm_vs_lstm_pair(input_size, hidden_size, variant="time_lstm3"):
+    """TimeLSTM against timerec_fast.LSTM at the same shape: the price of the time terms."""
+    from .rnn import LSTM
+    from .time_lstm import TimeLSTM
+
+    torch.manual_seed(0)
+    return TimeLSTM(input_size, hidden_size, variant=variant), LSTM(input_size, hidden_size)
+
+
+# cell -> (make the (ours, reference) pair, shapes, (ours takes delta_t, reference takes delta_t))
+PAIRS = {
+    "LSTM": (lstm_pair, LSTM_SHAPES, (False, False)),
+    "GRU": (gru_pair, GRU_SHAPES, (False, False)),
+    "TimeLSTM/LSTM": (time_lstm_vs_lstm_pair, TIME_SHAPES, (True, False)),
+}
 
 
 def run_cell(cell, shapes=None, modes=("forward", "train"), rate=None):
     """Rows comparing the fused cell with its reference at each shape and mode."""
+    make_pair, default_shapes, with_dt = PAIRS[cell]
     rows = []
-    for (b, t, i, h) in shapes or SHAPES[cell]:
-        ours, ref = PAIRS[cell](i, h)
+    for (b, t, i, h) in shapes or default_shapes:
+        ours, ref = make_pair(i, h)
         for mode in modes:
-            rows.append(compare(cell, b, t, i, h, mode, ours, ref, rate=rate))
+            rows.append(compare(cell, b, t, i, h, mode, ours, ref, rate=rate,
+                                with_delta_t=with_dt))
     return rows
 
 
 def format_table(rows, rate=None):
-    head = f"{'cell':<9}{'mode':<8}{'B':>5}{'T':>5}{'I':>5}{'H':>6}{'ours ms':>10}{'ref ms':>10}{'speedup':>9}"
+    head = f"{'cell':<14}{'mode':<8}{'B':>5}{'T':>5}{'I':>5}{'H':>6}{'ours ms':>10}{'ref ms':>10}{'speedup':>9}"
     if rate:
         head += f"{'floor ms':>10}{'ours/floor':>11}{'ref/floor':>10}"
     lines = [head, "-" * len(head)]
     for r in rows:
-        line = (f"{r['cell']:<9}{r['mode']:<8}{r['B']:>5}{r['T']:>5}{r['I']:>5}{r['H']:>6}"
+        line = (f"{r['cell']:<14}{r['mode']:<8}{r['B']:>5}{r['T']:>5}{r['I']:>5}{r['H']:>6}"
                 f"{r['ms_ours']:>10.3f}{r['ms_ref']:>10.3f}{r['speedup']:>8.2f}x")
         if rate and "ms_floor" in r:
             line += f"{r['ms_floor']:>10.3f}{r['ours_over_floor']:>10.2f}x{r['ref_over_floor']:>9.2f}x"
@@ -128,7 +155,7 @@ def format_table(rows, rate=None):
     return "\n".join(lines)
 
 
-def run_quick(cells=("LSTM",)):
+def run_quick(cells=("LSTM", "GRU", "TimeLSTM/LSTM")):
     """Print the comparison for the given cells (used by ``timerec bench`` and ``timerec demo``)."""
     rate = gemm_rate()
     rows = []
