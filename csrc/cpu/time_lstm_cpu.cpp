@@ -33,6 +33,8 @@ struct TimeLstmLayout {
 };
 
 // ---- Time-LSTM pointwise ---------------------------------------------------------------------
+// The variant is a template parameter so each loop is branch-free and vectorizes; gate columns
+// are addressed through per-gate row pointers (gates a variant lacks point at a scratch row).
 
 template <typename T>
 TRF_ALWAYS_INLINE TimeLstmUnitWeights<T> unit_weights(const T* peep, const T* time_w, int64_t H,
@@ -41,37 +43,114 @@ TRF_ALWAYS_INLINE TimeLstmUnitWeights<T> unit_weights(const T* peep, const T* ti
 }
 
 template <typename T>
-TRF_ALWAYS_INLINE void time_lstm_forward_rows_impl(int variant, TimeLstmLayout L, int64_t r0,
-                                                   int64_t r1, int64_t H, T* gates, const T* dt,
-                                                   const T* peep, const T* time_w, T* c_state,
-                                                   T* cells, T* cts, T* h_out, T* h_state) {
+struct GateRows {
+  T *i, *f, *g, *o, *t1, *t2;
+  GateRows(const TimeLstmLayout& L, T* row, int64_t H, T* scratch)
+      : i(row + L.i * H), f(L.f >= 0 ? row + L.f * H : scratch), g(row + L.g * H),
+        o(row + L.o * H), t1(row + L.t1 * H), t2(L.t2 >= 0 ? row + L.t2 * H : scratch) {}
+};
+
+template <typename T, int V>
+TRF_ALWAYS_INLINE void time_lstm_forward_rows_v(TimeLstmLayout L, int64_t r0, int64_t r1,
+                                                int64_t H, T* gates, const T* dt, const T* peep,
+                                                const T* time_w, T* c_state, T* cells, T* cts,
+                                                T* h_out, T* h_state) {
   const int64_t G = L.gates * H;
+  T scratch[1];
   for (int64_t b = r0; b < r1; ++b) {
-    T* g = gates + b * G;
-    T* cs = c_state + b * H;
+    const GateRows<T> g(L, gates + b * G, H, scratch);
+    T* __restrict gi = g.i;
+    T* __restrict gg = g.g;
+    T* __restrict go = g.o;
+    T* __restrict gt1 = g.t1;
+    T* __restrict gf = g.f;
+    T* __restrict gt2 = g.t2;
+    T* __restrict cs = c_state + b * H;
+    T* __restrict cl = cells + b * H;
+    T* __restrict ctb = cts != nullptr ? cts + b * H : cl;
+    T* __restrict ho = h_out + b * H;
+    T* __restrict hs = h_state + b * H;
     const T d = dt[b];
 #pragma GCC ivdep
     for (int64_t j = 0; j < H; ++j) {
-      TimeLstmGates<T> a{g[L.i * H + j], L.f >= 0 ? g[L.f * H + j] : T(0), g[L.g * H + j],
-                         g[L.o * H + j], g[L.t1 * H + j], L.t2 >= 0 ? g[L.t2 * H + j] : T(0)};
+      TimeLstmGates<T> a{gi[j], V != kTimeLstm3 ? gf[j] : T(0), gg[j], go[j], gt1[j],
+                         V != kTimeLstm1 ? gt2[j] : T(0)};
       T c_next, ct, h;
-      time_lstm_cell_forward(variant, a, cs[j], d, unit_weights(peep, time_w, H, j), c_next, ct, h);
-      g[L.i * H + j] = a.i;
-      if (L.f >= 0) g[L.f * H + j] = a.f;
-      g[L.g * H + j] = a.g;
-      g[L.o * H + j] = a.o;
-      g[L.t1 * H + j] = a.t1;
-      if (L.t2 >= 0) g[L.t2 * H + j] = a.t2;
+      time_lstm_cell_forward(V, a, cs[j], d, unit_weights(peep, time_w, H, j), c_next, ct, h);
+      gi[j] = a.i;
+      if constexpr (V != kTimeLstm3) gf[j] = a.f;
+      gg[j] = a.g;
+      go[j] = a.o;
+      gt1[j] = a.t1;
+      if constexpr (V != kTimeLstm1) gt2[j] = a.t2;
       cs[j] = c_next;
-      cells[b * H + j] = c_next;
-      if (cts != nullptr) cts[b * H + j] = ct;
-      h_out[b * H + j] = h;
-      h_state[b * H + j] = h;
+      cl[j] = c_next;
+      if constexpr (V != kTimeLstm1) ctb[j] = ct;
+      ho[j] = h;
+      hs[j] = h;
     }
   }
 }
 
 // Absolute rows. dh = dh_state + grad_out; writes dgates (pre-activation gradients) and dc_state.
+template <typename T, int V>
+TRF_ALWAYS_INLINE void time_lstm_backward_rows_v(TimeLstmLayout L, int64_t r0, int64_t r1,
+                                                 int64_t H, const T* gates, const T* cells,
+                                                 const T* cts, PrevRows<T> c_prev, const T* peep,
+                                                 const T* time_w, const T* gy, const T* dh_state,
+                                                 T* dc_state, T* dgates) {
+  const int64_t G = L.gates * H;
+  T scratch[1];
+  for (int64_t b = r0; b < r1; ++b) {
+    const GateRows<T> g(L, const_cast<T*>(gates) + b * G, H, scratch);
+    T dscratch[1];
+    const GateRows<T> dg(L, dgates + b * G, H, dscratch);
+    const T* __restrict cp = c_prev.row(b);
+    const T* __restrict ctb = (cts != nullptr ? cts : cells) + b * H;
+    const T* __restrict dhs = dh_state + b * H;
+    const T* __restrict gyb = gy + b * H;
+    T* __restrict dc = dc_state + b * H;
+    T* __restrict di = dg.i;
+    T* __restrict dgg = dg.g;
+    T* __restrict d_o = dg.o;
+    T* __restrict dt1 = dg.t1;
+    T* __restrict df = dg.f;
+    T* __restrict dt2 = dg.t2;
+#pragma GCC ivdep
+    for (int64_t j = 0; j < H; ++j) {
+      const TimeLstmGates<T> a{g.i[j], V != kTimeLstm3 ? g.f[j] : T(0), g.g[j], g.o[j], g.t1[j],
+                               V != kTimeLstm1 ? g.t2[j] : T(0)};
+      TimeLstmGates<T> d;
+      dc[j] = time_lstm_cell_backward(V, a, cp[j], ctb[j], dhs[j] + gyb[j], dc[j],
+                                      unit_weights(peep, time_w, H, j), d);
+      di[j] = d.i;
+      if constexpr (V != kTimeLstm3) df[j] = d.f;
+      dgg[j] = d.g;
+      d_o[j] = d.o;
+      dt1[j] = d.t1;
+      if constexpr (V != kTimeLstm1) dt2[j] = d.t2;
+    }
+  }
+}
+
+template <typename T>
+TRF_ALWAYS_INLINE void time_lstm_forward_rows_impl(int variant, TimeLstmLayout L, int64_t r0,
+                                                   int64_t r1, int64_t H, T* gates, const T* dt,
+                                                   const T* peep, const T* time_w, T* c_state,
+                                                   T* cells, T* cts, T* h_out, T* h_state) {
+  switch (variant) {
+    case kTimeLstm1:
+      return time_lstm_forward_rows_v<T, kTimeLstm1>(L, r0, r1, H, gates, dt, peep, time_w,
+                                                     c_state, cells, cts, h_out, h_state);
+    case kTimeLstm2:
+      return time_lstm_forward_rows_v<T, kTimeLstm2>(L, r0, r1, H, gates, dt, peep, time_w,
+                                                     c_state, cells, cts, h_out, h_state);
+    default:
+      return time_lstm_forward_rows_v<T, kTimeLstm3>(L, r0, r1, H, gates, dt, peep, time_w,
+                                                     c_state, cells, cts, h_out, h_state);
+  }
+}
+
 template <typename T>
 TRF_ALWAYS_INLINE void time_lstm_backward_rows_impl(int variant, TimeLstmLayout L, int64_t r0,
                                                     int64_t r1, int64_t H, const T* gates,
@@ -79,28 +158,19 @@ TRF_ALWAYS_INLINE void time_lstm_backward_rows_impl(int variant, TimeLstmLayout 
                                                     PrevRows<T> c_prev, const T* peep,
                                                     const T* time_w, const T* gy,
                                                     const T* dh_state, T* dc_state, T* dgates) {
-  const int64_t G = L.gates * H;
-  for (int64_t b = r0; b < r1; ++b) {
-    const T* g = gates + b * G;
-    const T* cp = c_prev.row(b);
-    const T* ctb = (cts != nullptr ? cts : cells) + b * H;
-    T* dg = dgates + b * G;
-    T* dc = dc_state + b * H;
-#pragma GCC ivdep
-    for (int64_t j = 0; j < H; ++j) {
-      const TimeLstmGates<T> a{g[L.i * H + j], L.f >= 0 ? g[L.f * H + j] : T(0), g[L.g * H + j],
-                               g[L.o * H + j], g[L.t1 * H + j],
-                               L.t2 >= 0 ? g[L.t2 * H + j] : T(0)};
-      TimeLstmGates<T> d;
-      dc[j] = time_lstm_cell_backward(variant, a, cp[j], ctb[j], dh_state[b * H + j] + gy[b * H + j],
-                                      dc[j], unit_weights(peep, time_w, H, j), d);
-      dg[L.i * H + j] = d.i;
-      if (L.f >= 0) dg[L.f * H + j] = d.f;
-      dg[L.g * H + j] = d.g;
-      dg[L.o * H + j] = d.o;
-      dg[L.t1 * H + j] = d.t1;
-      if (L.t2 >= 0) dg[L.t2 * H + j] = d.t2;
-    }
+  switch (variant) {
+    case kTimeLstm1:
+      return time_lstm_backward_rows_v<T, kTimeLstm1>(L, r0, r1, H, gates, cells, cts, c_prev,
+                                                      peep, time_w, gy, dh_state, dc_state,
+                                                      dgates);
+    case kTimeLstm2:
+      return time_lstm_backward_rows_v<T, kTimeLstm2>(L, r0, r1, H, gates, cells, cts, c_prev,
+                                                      peep, time_w, gy, dh_state, dc_state,
+                                                      dgates);
+    default:
+      return time_lstm_backward_rows_v<T, kTimeLstm3>(L, r0, r1, H, gates, cells, cts, c_prev,
+                                                      peep, time_w, gy, dh_state, dc_state,
+                                                      dgates);
   }
 }
 
