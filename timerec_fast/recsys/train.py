@@ -50,7 +50,7 @@ class TrainConfig:
     variant: str = "time_lstm3"
     epochs: int = 30
     batch_size: int = 128
-    lr: float = 2e-3
+    lr: float = 5e-3
     optimizer: str = "adam"          # adam | adamw
     weight_decay: float = 0.0
     dropout: float = 0.2
