@@ -59,6 +59,7 @@ for op in ("lstm_forward", "lstm_backward"):
     name = f"timerec_fast::{op}"
     for key in ("CPU", "CUDA"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(name, key), f"{name} has no {key} kernel"
+assert torch._C._dispatch_has_kernel_for_dispatch_key("timerec_fast::lstm_forward", "AutocastCUDA")
 print("ci_cuda_compile: OK, imported", so[0], "with CPU and CUDA LSTM kernels; cuda available:",
       torch.cuda.is_available())
 EOF

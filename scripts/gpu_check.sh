@@ -72,7 +72,7 @@ bench_args=(--junit "$LOGS/junit.xml")
 [ "${GPU_CHECK_QUICK:-0}" = 1 ] && bench_args+=(--quick)
 [ "${GPU_CHECK_NO_CROSSOVER:-0}" = 1 ] || bench_args+=(--crossover)
 timeout "${BENCH_TIMEOUT:-420}" "$PY" benchmarks/gpu_bench.py "${bench_args[@]}" 2>&1 \
-  | tee "$LOGS/bench.log" | grep -v "^crossover\|^forward \|^train " | tail -400
+  | tee "$LOGS/bench.log" | grep -v " B=" | tail -400
 bench_rc=${PIPESTATUS[0]}
 stamp "done: tests $tests_rc, bench $bench_rc"
 [ "$tests_rc" = 0 ] && [ "$bench_rc" = 0 ]
