@@ -101,12 +101,14 @@ def evaluate(model, data: InteractionData, split: Split, which: str = "test", ma
     mine = targets[rank::world]
     was_training = model.training
     model.eval()
+    tensors = list(model.parameters()) + list(model.buffers())
+    device = tensors[0].device if tensors else torch.device("cpu")
     sums = {f"{m}@{k}": 0.0 for k in ks for m in METRICS}
     in_hist = 0
     for i in range(0, len(mine), batch_size):
         tev = mine[i:i + batch_size]
         batch = make_batch(data, eval_windows(data, tev, max_len))
-        scores = model.score_batch(batch).float().clone()
+        scores = model.score_batch(batch.to(device)).float().cpu().clone()
         tgt = batch.last_target
         rows, cols = history_mask(data, tev)
         hist = torch.zeros(scores.shape, dtype=torch.bool)
@@ -123,8 +125,10 @@ def evaluate(model, data: InteractionData, split: Split, which: str = "test", ma
             sums[k] += v
     model.train(was_training)
     vec = torch.tensor([sums[k] for k in sums] + [float(len(mine)), float(in_hist)], dtype=torch.float64)
-    if distributed:
+    if distributed:  # NCCL reduces device tensors only
+        vec = vec.to(device)
         dist.all_reduce(vec)
+        vec = vec.cpu()
     n = float(vec[-2])
     out = {k: float(vec[j]) / max(n, 1.0) for j, k in enumerate(sums)}
     out["n"] = int(n)

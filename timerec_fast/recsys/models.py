@@ -16,6 +16,7 @@ PackedSequences, so no compute is spent on padding.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Optional, Tuple, Union
 
@@ -177,13 +178,13 @@ def sampled_softmax_loss(z: torch.Tensor, targets: torch.Tensor, emb: torch.Tens
     negative equal to the target) are kept by default: masking them, as some libraries do, biases
     the estimate towards popular items; ``remove_accidental_hits=True`` masks them anyway."""
     neg = torch.multinomial(logq.exp(), n_neg, replacement=True)
-    corr = torch.log(torch.tensor(float(n_neg)))
+    corr = math.log(n_neg)
     pos_logit = (z * emb[targets]).sum(-1) + bias[targets] - (logq[targets] + corr)
     neg_logit = z @ emb[neg].t() + bias[neg] - (logq[neg] + corr)
     if remove_accidental_hits:
         neg_logit = neg_logit.masked_fill(neg.unsqueeze(0) == targets.unsqueeze(1), float("-inf"))
     logits = torch.cat([pos_logit.unsqueeze(1), neg_logit], dim=1)
-    return F.cross_entropy(logits, torch.zeros(len(targets), dtype=torch.long))
+    return F.cross_entropy(logits, torch.zeros(len(targets), dtype=torch.long, device=logits.device))
 
 
 class PopularityModel(nn.Module):

@@ -188,6 +188,15 @@ class Batch:
     def __len__(self) -> int:
         return len(self.users)
 
+    def to(self, device) -> "Batch":
+        """Model inputs on ``device`` (index/bookkeeping fields stay on the CPU)."""
+        device = torch.device(device)
+        if device.type == "cpu":
+            return self
+        f = lambda p: p.to(device)
+        return Batch(f(self.items), f(self.lg_prev), f(self.lg_next), f(self.targets), self.last_target,
+                     self.users, self.target_events)
+
 
 def make_batch(data: InteractionData, windows: np.ndarray) -> Batch:
     starts, lens = windows[:, 0], windows[:, 1]

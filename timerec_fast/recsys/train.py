@@ -118,14 +118,6 @@ def maybe_init_distributed(device: str) -> bool:
     return True
 
 
-def _batch_to(batch: Batch, device: torch.device) -> Batch:
-    if device.type == "cpu":
-        return batch
-    f = lambda p: p.to(device)
-    return Batch(f(batch.items), f(batch.lg_prev), f(batch.lg_next), f(batch.targets),
-                 batch.last_target.to(device), batch.users, batch.target_events)
-
-
 def plot_curves(history: List[dict], path: str, title: str = "") -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -295,7 +287,7 @@ def train(data: InteractionData, cfg: TrainConfig, out: str, resume: bool = Fals
             bar = tqdm(total=n_steps, desc=f"epoch {epoch}/{cfg.epochs}", leave=False, dynamic_ncols=True,
                        file=sys.stderr)
         for batch in iterate_batches(data, shard, per_rank_bs):
-            batch = _batch_to(batch, device)
+            batch = batch.to(device)
             opt.zero_grad(set_to_none=True)
             loss = net(batch, loss=cfg.loss, n_neg=cfg.n_neg, sampler_logq=logq)
             loss.backward()
@@ -312,9 +304,9 @@ def train(data: InteractionData, cfg: TrainConfig, out: str, resume: bool = Fals
         train_s = time.perf_counter() - t0
         mean_loss = tot / max(nb, 1)
         if distributed:
-            v = torch.tensor([mean_loss], dtype=torch.float64)
+            v = torch.tensor([mean_loss], dtype=torch.float64, device=device)
             dist.all_reduce(v)
-            mean_loss = float(v) / world
+            mean_loss = float(v.cpu()) / world
         valid = evaluate(model, data, split, "valid", cfg.max_len, exclude_history=cfg.exclude_history,
                          ties=cfg.ties, distributed=distributed)
         secs = time.perf_counter() - t0
