@@ -92,15 +92,35 @@ TRF_ALWAYS_INLINE void time_lstm_forward_rows_v(TimeLstmLayout L, int64_t r0, in
   }
 }
 
-// Absolute rows. dh = dh_state + grad_out; writes dgates (pre-activation gradients) and dc_state.
+// Per-block sums of the per-unit weight gradients (rows [p_i, p_f, p_o, w_t1, w_t2, w_o], each H),
+// plus one row of scratch for the delta_t reduction.
+template <typename T>
+struct TimeLstmGradAcc {
+  T* sums;     // (6, H), accumulated over the block's rows
+  T* scratch;  // (H)
+};
+
+// Absolute rows. dh = dh_state + grad_out; writes dgates (pre-activation gradients), dc_state,
+// grad_dt of each row and accumulates the per-unit weight gradients into acc.
 template <typename T, int V>
 TRF_ALWAYS_INLINE void time_lstm_backward_rows_v(TimeLstmLayout L, int64_t r0, int64_t r1,
                                                  int64_t H, const T* gates, const T* cells,
                                                  const T* cts, PrevRows<T> c_prev, const T* peep,
                                                  const T* time_w, const T* gy, const T* dh_state,
-                                                 T* dc_state, T* dgates) {
+                                                 const T* dt, T* dc_state, T* dgates, T* grad_dt,
+                                                 TimeLstmGradAcc<T> acc) {
   const int64_t G = L.gates * H;
   T scratch[1];
+  T* __restrict a_pi = acc.sums;
+  T* __restrict a_pf = acc.sums + H;
+  T* __restrict a_po = acc.sums + 2 * H;
+  T* __restrict a_wt1 = acc.sums + 3 * H;
+  T* __restrict a_wt2 = acc.sums + 4 * H;
+  T* __restrict a_wo = acc.sums + 5 * H;
+  T* __restrict row_dt = acc.scratch;
+  const T* __restrict w_t1 = time_w;
+  const T* __restrict w_t2 = time_w + H;
+  const T* __restrict w_o = time_w + 2 * H;
   for (int64_t b = r0; b < r1; ++b) {
     const GateRows<T> g(L, const_cast<T*>(gates) + b * G, H, scratch);
     T dscratch[1];
@@ -116,6 +136,7 @@ TRF_ALWAYS_INLINE void time_lstm_backward_rows_v(TimeLstmLayout L, int64_t r0, i
     T* __restrict dt1 = dg.t1;
     T* __restrict df = dg.f;
     T* __restrict dt2 = dg.t2;
+    const T step_dt = dt[b];
 #pragma GCC ivdep
     for (int64_t j = 0; j < H; ++j) {
       const TimeLstmGates<T> a{g.i[j], V != kTimeLstm3 ? g.f[j] : T(0), g.g[j], g.o[j], g.t1[j],
@@ -129,7 +150,26 @@ TRF_ALWAYS_INLINE void time_lstm_backward_rows_v(TimeLstmLayout L, int64_t r0, i
       d_o[j] = d.o;
       dt1[j] = d.t1;
       if constexpr (V != kTimeLstm1) dt2[j] = d.t2;
+      // Through sigmoid(dt * w_t): e = dL/d(dt * w_t).
+      const T s1 = sigmoid_act(step_dt * w_t1[j]);
+      const T e1 = d.t1 * s1 * (T(1) - s1);
+      T e2 = T(0);
+      if constexpr (V != kTimeLstm1) {
+        const T s2 = sigmoid_act(step_dt * w_t2[j]);
+        e2 = d.t2 * s2 * (T(1) - s2);
+      }
+      a_pi[j] += d.i * cp[j];
+      if constexpr (V != kTimeLstm3) a_pf[j] += d.f * cp[j];
+      a_po[j] += d.o * ctb[j];
+      a_wt1[j] += e1 * step_dt;
+      a_wt2[j] += e2 * step_dt;
+      a_wo[j] += d.o * step_dt;
+      row_dt[j] = e1 * w_t1[j] + e2 * w_t2[j] + d.o * w_o[j];
     }
+    T sum = T(0);
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < H; ++j) sum += row_dt[j];
+    grad_dt[b] = sum;
   }
 }
 
@@ -157,20 +197,21 @@ TRF_ALWAYS_INLINE void time_lstm_backward_rows_impl(int variant, TimeLstmLayout 
                                                     const T* cells, const T* cts,
                                                     PrevRows<T> c_prev, const T* peep,
                                                     const T* time_w, const T* gy,
-                                                    const T* dh_state, T* dc_state, T* dgates) {
+                                                    const T* dh_state, const T* dt, T* dc_state,
+                                                    T* dgates, T* grad_dt, TimeLstmGradAcc<T> acc) {
   switch (variant) {
     case kTimeLstm1:
       return time_lstm_backward_rows_v<T, kTimeLstm1>(L, r0, r1, H, gates, cells, cts, c_prev,
-                                                      peep, time_w, gy, dh_state, dc_state,
-                                                      dgates);
+                                                      peep, time_w, gy, dh_state, dt, dc_state,
+                                                      dgates, grad_dt, acc);
     case kTimeLstm2:
       return time_lstm_backward_rows_v<T, kTimeLstm2>(L, r0, r1, H, gates, cells, cts, c_prev,
-                                                      peep, time_w, gy, dh_state, dc_state,
-                                                      dgates);
+                                                      peep, time_w, gy, dh_state, dt, dc_state,
+                                                      dgates, grad_dt, acc);
     default:
       return time_lstm_backward_rows_v<T, kTimeLstm3>(L, r0, r1, H, gates, cells, cts, c_prev,
-                                                      peep, time_w, gy, dh_state, dc_state,
-                                                      dgates);
+                                                      peep, time_w, gy, dh_state, dt, dc_state,
+                                                      dgates, grad_dt, acc);
   }
 }
 
@@ -241,9 +282,10 @@ TRF_ALWAYS_INLINE void tlstm_backward_rows_impl(int64_t r0, int64_t r1, int64_t 
   TRF_CPU_CLONES void time_lstm_backward_rows(                                                   \
       int variant, TimeLstmLayout L, int64_t r0, int64_t r1, int64_t H, const T* gates,          \
       const T* cells, const T* cts, PrevRows<T> c_prev, const T* peep, const T* time_w,          \
-      const T* gy, const T* dh_state, T* dc_state, T* dgates) {                                  \
+      const T* gy, const T* dh_state, const T* dt, T* dc_state, T* dgates, T* grad_dt,           \
+      TimeLstmGradAcc<T> acc) {                                                                  \
     time_lstm_backward_rows_impl<T>(variant, L, r0, r1, H, gates, cells, cts, c_prev, peep,      \
-                                    time_w, gy, dh_state, dc_state, dgates);                     \
+                                    time_w, gy, dh_state, dt, dc_state, dgates, grad_dt, acc);   \
   }                                                                                              \
   TRF_CPU_CLONES void tlstm_forward_rows(int64_t r0, int64_t r1, int64_t H, T* gates, T* cs,     \
                                          const T* b_d, const T* dt, T* c_state, T* cells,        \
@@ -285,11 +327,13 @@ void time_lstm_forward_block(int variant, TimeLstmLayout L, const Schedule& s, R
   }
 }
 
+// The row loop stays on this block's thread (no for_rows): it accumulates into acc.
 template <typename T>
 void time_lstm_backward_block(int variant, TimeLstmLayout L, const Schedule& s, RowBlock blk,
                               int64_t H, const T* w_hh, const T* peep, const T* time_w,
                               const T* gates, const T* cells, const T* cts, const T* c0,
-                              const T* grad_out, T* dh_state, T* dc_state, T* dgates) {
+                              const T* grad_out, const T* dt, T* dh_state, T* dc_state, T* dgates,
+                              T* grad_dt, TimeLstmGradAcc<T> acc) {
   const int64_t G = L.gates * H, Gh = L.h_gates * H;
   for (int64_t k = s.steps - 1; k >= 0; --k) {
     const int64_t t = s.time_at(k);
@@ -297,12 +341,10 @@ void time_lstm_backward_block(int variant, TimeLstmLayout L, const Schedule& s, 
     if (n == 0) continue;
     const int64_t base = s.offsets[t];
     const auto c_prev = prev_rows(s, k, cells, c0, H);
-    for_rows(n, G, [&](int64_t r0, int64_t r1) {
-      time_lstm_backward_rows(variant, L, blk.lo + r0, blk.lo + r1, H, gates + base * G,
-                              cells + base * H, cts != nullptr ? cts + base * H : nullptr, c_prev,
-                              peep, time_w, grad_out + base * H, dh_state, dc_state,
-                              dgates + base * G);
-    });
+    time_lstm_backward_rows(variant, L, blk.lo, blk.lo + n, H, gates + base * G, cells + base * H,
+                            cts != nullptr ? cts + base * H : nullptr, c_prev, peep, time_w,
+                            grad_out + base * H, dh_state, dt + base, dc_state, dgates + base * G,
+                            grad_dt + base, acc);
     recurrent_gemm<T>(n, Gh, H, dgates + (base + blk.lo) * G, G, w_hh, dh_state + blk.lo * H, H,
                       /*accumulate=*/false);
   }
@@ -432,49 +474,38 @@ time_lstm_backward_cpu(const c10::optional<at::Tensor>& grad_output,
   at::Tensor dh_state = grad_or_zeros(grad_h_n, {d.B, H}, input).clone(at::MemoryFormat::Contiguous);
   at::Tensor dc_state = grad_or_zeros(grad_c_n, {d.B, H}, input).clone(at::MemoryFormat::Contiguous);
   at::Tensor dgates = at::empty({d.N, G}, opts);
-  at::Tensor h_prev = at::empty({d.N, H}, opts), c_prev = at::empty({d.N, H}, opts);
+  at::Tensor grad_dt = at::empty({d.N}, opts);
+  at::Tensor h_prev = at::empty({d.N, H}, opts);
   at::Tensor gates_c = gates.contiguous(), cells_c = cells.contiguous();
   at::Tensor cts_c = variant == kTimeLstm1 ? cells_c : cts.contiguous();
   at::Tensor c0_c = c0.contiguous(), h0_c = h0.contiguous(), out_c = output.contiguous();
   at::Tensor w_hh_c = w_hh.contiguous(), peep_c = peep.contiguous(), time_w_c = time_w.contiguous();
+  at::Tensor dt = delta_t.contiguous();
+  const auto blocks = split_batch(s, kMinRowsPerBlock);
+  const int64_t nb = static_cast<int64_t>(blocks.size());
+  at::Tensor sums = at::zeros({nb, 6, H}, opts), scratch = at::empty({nb, H}, opts);
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "timerec_fast_time_lstm_backward", [&] {
-    for_blocks(split_batch(s, kMinRowsPerBlock), [&](RowBlock blk) {
+    for_blocks(blocks, [&](const RowBlock& blk) {
+      const int64_t i = &blk - blocks.data();  // for_blocks passes the vector's own elements
       time_lstm_backward_block<scalar_t>(
           static_cast<int>(variant), L, s, blk, H, w_hh_c.data_ptr<scalar_t>(),
           peep_c.data_ptr<scalar_t>(), time_w_c.data_ptr<scalar_t>(),
           gates_c.data_ptr<scalar_t>(), cells_c.data_ptr<scalar_t>(),
           variant == kTimeLstm1 ? nullptr : cts_c.data_ptr<scalar_t>(), c0_c.data_ptr<scalar_t>(),
-          gy.data_ptr<scalar_t>(), dh_state.data_ptr<scalar_t>(), dc_state.data_ptr<scalar_t>(),
-          dgates.data_ptr<scalar_t>());
+          gy.data_ptr<scalar_t>(), dt.data_ptr<scalar_t>(), dh_state.data_ptr<scalar_t>(),
+          dc_state.data_ptr<scalar_t>(), dgates.data_ptr<scalar_t>(),
+          grad_dt.data_ptr<scalar_t>(),
+          TimeLstmGradAcc<scalar_t>{sums.data_ptr<scalar_t>() + i * 6 * H,
+                                    scratch.data_ptr<scalar_t>() + i * H});
     });
     gather_prev_states<scalar_t>(s, out_c.data_ptr<scalar_t>(), h0_c.data_ptr<scalar_t>(), H,
                                  h_prev.data_ptr<scalar_t>());
-    gather_prev_states<scalar_t>(s, cells_c.data_ptr<scalar_t>(), c0_c.data_ptr<scalar_t>(), H,
-                                 c_prev.data_ptr<scalar_t>());
   });
-  // Per-unit vectors and delta_t: reductions of the pre-activation gradients.
-  auto gate = [&](int idx) { return dgates.narrow(1, idx * H, H); };
-  at::Tensor dt_col = delta_t.unsqueeze(1);
-  at::Tensor w_t1 = time_w[0], w_t2 = time_w[1], w_o = time_w[2];
-  at::Tensor zeros_h = at::zeros({H}, opts);
-  at::Tensor grad_peep = at::stack({(gate(L.i) * c_prev).sum(0),
-                                    L.f >= 0 ? (gate(L.f) * c_prev).sum(0) : zeros_h,
-                                    (gate(L.o) * cts_c).sum(0)});
-  at::Tensor s1 = at::sigmoid(dt_col * w_t1);
-  at::Tensor e1 = gate(L.t1) * s1 * (1 - s1);  // gradient of dt * w_t1
-  at::Tensor grad_dt = (e1 * w_t1).sum(1) + (gate(L.o) * w_o).sum(1);
-  at::Tensor grad_w_t2 = zeros_h;
-  if (L.t2 >= 0) {
-    at::Tensor s2 = at::sigmoid(dt_col * w_t2);
-    at::Tensor e2 = gate(L.t2) * s2 * (1 - s2);
-    grad_dt = grad_dt + (e2 * w_t2).sum(1);
-    grad_w_t2 = (e2 * dt_col).sum(0);
-  }
-  at::Tensor grad_time_w =
-      at::stack({(e1 * dt_col).sum(0), grad_w_t2, (gate(L.o) * dt_col).sum(0)});
+  at::Tensor unit_grads = sums.sum(0);  // (6, H): p_i, p_f, p_o, w_t1, w_t2, w_o
   at::Tensor grad_input = input_grad ? at::mm(dgates, w_ih) : at::empty({0}, opts);
   return {grad_input, grad_dt, dh_state, dc_state, at::mm(dgates.t(), input),
-          at::mm(dgates.narrow(1, 0, Gh).t(), h_prev), dgates.sum(0), grad_peep, grad_time_w};
+          at::mm(dgates.narrow(1, 0, Gh).t(), h_prev), dgates.sum(0),
+          unit_grads.narrow(0, 0, 3).clone(), unit_grads.narrow(0, 3, 3).clone()};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
