@@ -73,8 +73,11 @@ class _FusedRNNMixin:
         return (hx,)
 
     def _check_state_meta(self, states, x):
+        # Under CUDA autocast torch.nn.LSTM accepts e.g. an fp16 input with fp32 hx (the op casts
+        # both); the device must always match.
+        autocast = x.is_cuda and torch.is_autocast_enabled()
         for i, s in enumerate(states):
-            if s.dtype != x.dtype or s.device != x.device:
+            if s.device != x.device or (s.dtype != x.dtype and not autocast):
                 label = f"hx[{i}]" if len(states) > 1 else "hx"
                 raise RuntimeError(
                     f"{self._cell_name}: {label} must be {x.dtype} on {x.device} like the input, "
