@@ -272,3 +272,21 @@ def test_diginetica_sample_loads():
     assert rep.fmt == "diginetica" and rep.kept == 12391
     assert data.n_users == 2986 and data.n_items == 7139
     assert rep.zero_gap_fraction == 0.0
+
+
+def test_parquet_when_pyarrow_is_installed(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+    p = str(tmp_path / "log.parquet")
+    pq.write_table(pa.table({"user_id": ["u1", "u1", "u2"], "item_id": ["a", "b", "a"], "timestamp": [3, 1, 2]}), p)
+    data, rep = quiet(p)
+    assert rep.fmt == "parquet" and rep.kept == 3
+    a, b = data.user_events(data.user_index("u1"))
+    assert [data.item_ids[i] for i in data.items[a:b]] == ["b", "a"]
+
+
+def test_from_arrays_validates():
+    with pytest.raises(DataError, match="same length"):
+        InteractionData.from_arrays(["u"], ["i", "j"], [1.0])
+    with pytest.raises(DataError, match="finite"):
+        InteractionData.from_arrays(["u"], ["i"], [float("nan")])

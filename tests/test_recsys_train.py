@@ -204,3 +204,9 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
     p.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="cannot read"):
         ckpt.load(str(p))
+
+
+def test_time_split_training(synth_data, tmp_path):
+    res = run(synth_data, tmp_path / "ts", model="gru", epochs=2, split="time")
+    assert res["split"] == "time" and res["test"]["n"] > 100
+    assert 0.0 <= res["test"]["NDCG@10"] <= 1.0
