@@ -34,7 +34,7 @@ MODEL_ARGS = {
     "lstm": [],
     "pop": [],
 }
-COMMON = ["--split", "loo", "--max-len", "50", "--epochs", "40", "--patience", "3", "--seed", "42"]
+COMMON = ["--split", "loo", "--max-len", "50", "--epochs", "40", "--patience", "5", "--seed", "42"]
 
 
 def run_model(model, data, out, threads, extra):

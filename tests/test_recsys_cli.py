@@ -140,3 +140,12 @@ def test_demo_runs_end_to_end_small(tmp_path, capsys):
     assert "timelstm" in out and "gru" in out and "NDCG" in out and "explain" in out
     assert os.path.exists(tmp_path / "demo" / "timelstm" / "model.pt")
     assert os.path.exists(tmp_path / "demo" / "explain.png")
+
+
+def test_out_is_a_file_and_unwritable(csv_path, tmp_path, capsys):
+    f = tmp_path / "file"
+    f.write_text("x")
+    rc, out, err = run_cli(capsys, "train", "--data", csv_path, "--out", str(f), "--epochs", "1")
+    assert rc == 2 and "not a directory" in err and "Traceback" not in err
+    rc, out, err = run_cli(capsys, "train", "--data", csv_path, "--out", str(f / "sub"), "--epochs", "1")
+    assert rc == 2 and "Traceback" not in err

@@ -372,11 +372,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     except RecsysError as e:
         print(f"timerec {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except OSError as e:  # unwritable --out, disk full, unreadable file ...
+        print(f"timerec {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:
-        return 0
 
 
 if __name__ == "__main__":

@@ -333,7 +333,8 @@ def train(data: InteractionData, cfg: TrainConfig, out: str, resume: bool = Fals
                               "optimizer": opt.state_dict(), "epoch": epoch, "history": history, "best": best,
                               "best_epoch": best_epoch, "bad_epochs": bad, "torch_rng": torch.get_rng_state(),
                               "stopped": stopped, "train_config": asdict(cfg)}, last_path)
-            plot_curves(history, os.path.join(out, "curves.png"), title=f"{cfg.model} - {os.path.basename(out)}")
+            plot_curves(history, os.path.join(out, "curves.png"),
+                        title=f"{cfg.model}{' (' + cfg.variant + ')' if cfg.model == 'timelstm' else ''}: {os.path.basename(os.path.abspath(out))}")
         if stopped:
             say(f"early stopping: no validation NDCG@10 improvement for {cfg.patience} epochs "
                 f"(best {best:.4f} at epoch {best_epoch})")
