@@ -37,16 +37,10 @@
 #include "../include/timerec/lstm_cell.h"
 #include "../rnn_common.h"
 #include "cuda_blas.cuh"
+#include "cuda_rnn_common.cuh"
 
 namespace timerec::cuda {
 namespace {
-
-constexpr int kThreads = 256;
-
-inline int blocks_for(int64_t work) {
-  const int64_t b = (work + kThreads - 1) / kThreads;
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(b, 65535 * 8)));
-}
 
 // ---- strategy (a): pointwise kernels ----------------------------------------------------------
 
@@ -393,10 +387,6 @@ LstmShapes check_lstm_args(const at::Tensor& input, const at::Tensor& h0, const 
   TORCH_CHECK(d.N < (int64_t(1) << 31) && 4 * d.H < (int64_t(1) << 31) && d.I < (int64_t(1) << 31),
               "timerec_fast.LSTM on CUDA: sizes must fit cuBLAS int dimensions");
   return d;
-}
-
-inline at::ScalarType opmath_dtype(at::ScalarType st) {
-  return st == at::kDouble ? at::kDouble : at::kFloat;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
