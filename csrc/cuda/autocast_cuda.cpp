@@ -22,9 +22,9 @@ at::ScalarType autocast_cuda_dtype() {
 #endif
 }
 
-void autocast_cuda_boxed(const c10::OperatorHandle& op, c10::DispatchKeySet /*ks*/,
-                         torch::jit::Stack* stack) {
-  const at::ScalarType dtype = autocast_cuda_dtype();
+// Casts every eligible floating CUDA tensor argument to `dtype`, then runs the op below Autocast.
+void autocast_cuda_cast_and_call(at::ScalarType dtype, const c10::OperatorHandle& op,
+                                 torch::jit::Stack* stack) {
   const size_t num_args = op.schema().arguments().size();
   for (size_t i = stack->size() - num_args; i < stack->size(); ++i) {
     c10::IValue& value = (*stack)[i];
@@ -36,10 +36,28 @@ void autocast_cuda_boxed(const c10::OperatorHandle& op, c10::DispatchKeySet /*ks
   op.callBoxed(stack);
 }
 
+// Lower-precision policy (autocast dtype), as torch does for its lstm/gru.
+void autocast_cuda_boxed(const c10::OperatorHandle& op, c10::DispatchKeySet /*ks*/,
+                         torch::jit::Stack* stack) {
+  autocast_cuda_cast_and_call(autocast_cuda_dtype(), op, stack);
+}
+
+// fp32 policy for the time-aware ops: their delta_t must share the input dtype, and elapsed times
+// overflow fp16 (max 65504, under a day in seconds) or lose most digits in bf16, so inside an
+// autocast region they run in fp32 (fp64 arguments stay fp64: autocast never casts those).
+void autocast_cuda_fp32_boxed(const c10::OperatorHandle& op, c10::DispatchKeySet /*ks*/,
+                              torch::jit::Stack* stack) {
+  autocast_cuda_cast_and_call(at::kFloat, op, stack);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(timerec_fast, AutocastCUDA, m) {
   m.impl("lstm_forward", torch::CppFunction::makeFromBoxedFunction<&autocast_cuda_boxed>());
+  m.impl("gru_forward", torch::CppFunction::makeFromBoxedFunction<&autocast_cuda_boxed>());
+  m.impl("time_lstm_forward",
+         torch::CppFunction::makeFromBoxedFunction<&autocast_cuda_fp32_boxed>());
+  m.impl("tlstm_forward", torch::CppFunction::makeFromBoxedFunction<&autocast_cuda_fp32_boxed>());
 }
 
 }  // namespace timerec::cuda
