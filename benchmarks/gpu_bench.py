@@ -9,6 +9,9 @@ B in {1, 16, 64, 256}, T in {50, 200}, H = I in {64, ..., 1024}, fp32 and bf16, 
 warm-up, inputs rotating between two sets. ratio = cuDNN time / ours (> 1: we are faster).
 floor = max(matmul FLOPs / measured matmul rate, bytes / measured copy bandwidth) for the dtype.
 fp32 runs with TF32 off for both (torch.backends.cudnn.allow_tf32 = False) unless --tf32.
+Cell rows (issue 4, JSON "cell_rows", skipped with --no-cells): timerec_fast.GRU vs torch.nn.GRU
+(ratio = torch time / ours), and each TimeLSTM variant vs timerec_fast.LSTM at the same shape
+(ratio = LSTM time / TimeLSTM time; the issue's CPU target is TimeLSTM <= 1.3x LSTM, ratio >= 0.77).
 
 Writes JSON (device, torch, commit, csrc_sha256, tests, rows, ...) to
 benchmarks/results/<card>-<short commit>.json and, when $OUT is set, to $OUT/ as well.
@@ -150,6 +153,68 @@ def bench_row(mode, dtype_name, batch, steps, size, packed, device, rates, budge
                 packed=packed, ms_ours=ms_ours, ms_ref=ms_ref, ratio=ms_ref / ms_ours,
                 ms_floor=floor_ms(mode, dtype, batch, steps, size, size, rates, rows=rows),
                 rows=rows)
+
+
+# ---- other cells (issue 4): GRU vs cuDNN GRU, TimeLSTM vs timerec_fast.LSTM ---------------------
+
+CELLS = ("GRU", "time_lstm1", "time_lstm2", "time_lstm3", "tlstm")
+CELL_SHAPES = ((16, 50, 128), (64, 50, 256), (256, 50, 128), (256, 50, 512))  # (B, T, H)
+
+
+class _WithDeltaT(torch.nn.Module):
+    """A TimeLSTM called like an LSTM (module(x)), with a fixed delta_t for timing."""
+
+    def __init__(self, cell, delta_t):
+        super().__init__()
+        self.cell = cell
+        self.delta_t = delta_t
+
+    def forward(self, x):
+        return self.cell(x, self.delta_t)
+
+
+def bench_cell_row(cell, mode, dtype_name, batch, steps, size, device, budget_s):
+    """GRU: timerec_fast.GRU vs torch.nn.GRU (cuDNN on a GPU). A TimeLSTM variant: the fused
+    TimeLSTM vs timerec_fast.LSTM at the same shape (ratio = LSTM time / TimeLSTM time)."""
+    import timerec_fast
+
+    dtype = DTYPES[dtype_name]
+    torch.manual_seed(0)
+    inputs = make_inputs(batch, steps, size, size, dtype, device, False, mode)
+    if cell == "GRU":
+        ref = torch.nn.GRU(size, size).to(device, dtype)
+        ours = timerec_fast.GRU(size, size).to(device, dtype)
+        ours.load_state_dict(ref.state_dict())
+        ref_name = "torch.nn.GRU"
+    else:
+        ref = timerec_fast.LSTM(size, size).to(device, dtype)
+        dt = (torch.rand(steps, batch, generator=torch.Generator().manual_seed(1)) * 3).to(
+            device, dtype)
+        ours = _WithDeltaT(timerec_fast.TimeLSTM(size, size, variant=cell), dt).to(device, dtype)
+        ref_name = "timerec_fast.LSTM"
+    ms_ref = median_ms(make_step(ref, inputs, mode), device, budget_s=budget_s)
+    ms_ours = median_ms(make_step(ours, inputs, mode), device, budget_s=budget_s)
+    return dict(cell=cell, ref=ref_name, mode=mode, dtype=dtype_name, B=batch, T=steps, I=size,
+                H=size, packed=False, ms_ours=ms_ours, ms_ref=ms_ref, ratio=ms_ref / ms_ours)
+
+
+def cell_grid(dry_run, quick):
+    if dry_run:
+        return [(c, m, "fp32", 2, 3, 4) for c in CELLS for m in ("forward", "train")]
+    shapes = CELL_SHAPES if not quick else CELL_SHAPES[1:3]
+    return [(c, m, d, b, t, h) for c in CELLS for m in ("forward", "train") for d in DTYPES
+            for (b, t, h) in shapes]
+
+
+def format_cell_table(rows):
+    head = (f"{'cell':<12}{'mode':<8}{'dtype':<6}{'B':>5}{'T':>5}{'H':>6}{'ours ms':>10}"
+            f"{'ref ms':>10}{'ratio':>7}  ref")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['cell']:<12}{r['mode']:<8}{r['dtype']:<6}{r['B']:>5}{r['T']:>5}"
+                     f"{r['H']:>6}{r['ms_ours']:>10.3f}{r['ms_ref']:>10.3f}{r['ratio']:>7.2f}"
+                     f"  {r['ref']}")
+    return "\n".join(lines)
 
 
 # ---- rates, provenance ----------------------------------------------------------------------------
@@ -308,6 +373,8 @@ def main(argv=None):
     ap.add_argument("--tf32", action="store_true", help="allow TF32 for fp32 (both sides)")
     ap.add_argument("--junit", help="pytest --junitxml file whose counts go into 'tests'")
     ap.add_argument("--results-dir", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--no-cells", action="store_true",
+                    help="skip the GRU / TimeLSTM rows (issue 4)")
     ap.add_argument("--budget-s", type=float, default=0.15, help="timing budget per measurement")
     args = ap.parse_args(argv)
 
@@ -330,8 +397,19 @@ def main(argv=None):
         print(f"{mode:<8}{dtype_name:<5} B={b:<4} T={t:<4} H={h:<5} packed={packed!s:<6}"
               f" ours {r['ms_ours']:.3f} ms  cuDNN {r['ms_ref']:.3f} ms  ratio {r['ratio']:.2f}",
               flush=True)
+    cell_rows = []
+    if not args.no_cells:
+        for (cell, mode, dtype_name, b, t, h) in cell_grid(args.dry_run, args.quick):
+            cell_rows.append(bench_cell_row(cell, mode, dtype_name, b, t, h, device,
+                                            0.0 if args.dry_run else args.budget_s))
+            r = cell_rows[-1]
+            print(f"{cell:<11} {mode:<8}{dtype_name:<5} B={b:<4} T={t:<4} H={h:<5} ours "
+                  f"{r['ms_ours']:.3f} ms  {r['ref']} {r['ms_ref']:.3f} ms  ratio {r['ratio']:.2f}",
+                  flush=True)
     cross = crossover(device, rates, args.budget_s) if args.crossover and not args.dry_run else []
     print(format_table(rows))
+    if cell_rows:
+        print(format_cell_table(cell_rows))
     summ = summary(rows)
     print(json.dumps(summ, indent=1))
     doc = dict(device=(torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"),
@@ -339,6 +417,7 @@ def main(argv=None):
                cuda=torch.version.cuda, commit=git_commit(), csrc_sha256=csrc_sha256(),
                tests=junit_counts(args.junit), rows=rows, summary=summ, rates=rates,
                fp32_mode="tf32" if args.tf32 else "strict-fp32", crossover=cross,
+               cell_rows=cell_rows,
                dry_run=args.dry_run, seconds=time.perf_counter() - t0)
     for p in write_results(doc, args.results_dir, os.environ.get("OUT")):
         print("gpu_bench: wrote", p)

@@ -2,8 +2,9 @@
 # The GPU check of issue 3, in one go, on a machine with an NVIDIA GPU (written for an H100 with
 # python3 + a CUDA torch + nvcc already installed; nothing is downloaded):
 #   1. builds the extension in place with nvcc (CUDA_HOME, TORCH_CUDA_ARCH_LIST=9.0, MAX_JOBS=16),
-#   2. runs tests/test_cuda_lstm.py (junit XML kept for the counts),
-#   3. runs benchmarks/gpu_bench.py (grid vs cuDNN + strategy crossover), which prints the table and
+#   2. runs tests/test_cuda_lstm.py and tests/test_cuda_cells.py (junit XML kept for the counts),
+#   3. runs benchmarks/gpu_bench.py (grid vs cuDNN + strategy crossover + GRU / TimeLSTM rows), which
+#      prints the tables and
 #      writes benchmarks/results/<card>-<commit>.json and $OUT/<card>-<commit>.json.
 # Logs go to $OUT (or /tmp/timerec_gpu_check). Exit status: non-zero if the build or any test
 # failed (the benchmark still runs after failing tests, so the numbers are never lost).
@@ -61,7 +62,7 @@ print('gpu_check: extension loaded with CUDA kernels')" || exit 1
 tests_rc=0
 if [ "${GPU_CHECK_SKIP_TESTS:-0}" != 1 ]; then
   stamp "tests"
-  timeout "${TEST_TIMEOUT:-330}" "$PY" -m pytest tests/test_cuda_lstm.py -q -p no:cacheprovider \
+  timeout "${TEST_TIMEOUT:-330}" "$PY" -m pytest tests/test_cuda_lstm.py tests/test_cuda_cells.py -q -p no:cacheprovider \
     --junitxml="$LOGS/junit.xml" -o junit_family=xunit1 2>&1 | tee "$LOGS/tests.log" | tail -40
   tests_rc=${PIPESTATUS[0]}
   echo "gpu_check: tests exit status $tests_rc"
