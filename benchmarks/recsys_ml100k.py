@@ -21,6 +21,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -41,7 +42,9 @@ def run_model(model, data, out, threads, extra):
     cmd = [sys.executable, "-m", "timerec_fast.recsys", "train", "--data", data, "--model", model, "--out", out,
            "--no-progress", "--threads", str(threads)] + COMMON + MODEL_ARGS.get(model, []) + extra
     print("$ " + " ".join(cmd), flush=True)
+    t0 = time.perf_counter()
     r = subprocess.run(cmd, cwd=REPO, text=True, capture_output=True)
+    wall = time.perf_counter() - t0
     log = r.stdout + r.stderr
     if r.returncode != 0:
         print(log)
@@ -50,7 +53,9 @@ def run_model(model, data, out, threads, extra):
         if line.startswith("epoch") or line.startswith("early stopping") or "s/epoch" in line:
             print("   " + line)
     with open(os.path.join(out, "metrics.json")) as f:
-        return json.load(f)
+        res = json.load(f)
+    res["command_seconds"] = wall  # the whole command: start-up, reading + cleaning the file, training, test
+    return res
 
 
 def main():
@@ -72,19 +77,22 @@ def main():
 
     print("\nml-100k, leave-one-out by time, full ranking (1,682 items), history excluded, max length 50")
     print(f"{'model':<10s} {'NDCG@10':>8s} {'HR@10':>7s} {'MRR@10':>7s} {'NDCG@20':>8s} {'HR@20':>7s} "
-          f"{'epochs':>6s} {'s/epoch':>8s} {'total s':>8s} {'peak MB':>8s}")
+          f"{'epochs':>6s} {'s/epoch':>8s} {'total s':>8s} {'cmd s':>6s} {'CPU s':>7s} {'peak MB':>8s}")
     for m, r in res.items():
         t = r["test"]
         print(f"{m:<10s} {t['NDCG@10']:>8.4f} {t['HR@10']:>7.4f} {t['MRR@10']:>7.4f} {t['NDCG@20']:>8.4f} "
               f"{t['HR@20']:>7.4f} {r['epochs_run']:>6d} {r['seconds_per_epoch']:>8.2f} {r['total_seconds']:>8.1f} "
-              f"{r['peak_rss_mb']:>8.0f}")
+              f"{r['command_seconds']:>6.1f} {r['cpu_seconds']:>7.1f} {r['peak_rss_mb']:>8.0f}")
+    print("(total s: wall time of training, model build to final test evaluation; cmd s: the whole `timerec train` "
+          "command incl. start-up and reading the file; CPU s: user+sys of all threads during training -- about "
+          "threads x total s on an otherwise idle machine, so a lower ratio means other load stole the cores)")
     print("RecBole GRU4Rec (published): NDCG@10 0.0513, Recall@10 0.1103; RecBole 1.2.1 on 2 cores: 49.7 s/epoch, 2.6 GB")
     ok = True
     if "timelstm" in res:
         t = res["timelstm"]
         checks = [("TimeLSTM NDCG@10 >= 0.060", t["test"]["NDCG@10"] >= 0.060),
                   ("TimeLSTM HR@10 >= 0.12", t["test"]["HR@10"] >= 0.12),
-                  ("TimeLSTM total time <= 120 s", t["total_seconds"] <= 120),
+                  ("TimeLSTM whole command <= 120 s", t["command_seconds"] <= 120),
                   ("TimeLSTM peak RSS <= 1024 MB", t["peak_rss_mb"] <= 1024)]
         if "gru" in res:
             checks.append(("TimeLSTM NDCG@10 > GRU NDCG@10", t["test"]["NDCG@10"] > res["gru"]["test"]["NDCG@10"]))
