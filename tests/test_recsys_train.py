@@ -206,7 +206,10 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
         ckpt.load(str(p))
 
 
-def test_time_split_training(synth_data, tmp_path):
-    res = run(synth_data, tmp_path / "ts", model="gru", epochs=2, split="time")
+def test_time_split_training_with_adamw(synth_data, tmp_path):
+    res = run(synth_data, tmp_path / "ts", model="gru", epochs=2, split="time", optimizer="adamw",
+              weight_decay=0.01)
+    st = ckpt.load(str(tmp_path / "ts" / "last.pt"))
+    assert st["optimizer"]["param_groups"][0]["weight_decay"] == 0.01
     assert res["split"] == "time" and res["test"]["n"] > 100
     assert 0.0 <= res["test"]["NDCG@10"] <= 1.0
