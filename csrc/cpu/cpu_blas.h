@@ -72,7 +72,7 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, 
 }
 
 // ---- small-batch product ----------------------------------------------------------------------
-// C[rows x n] (= or +=) A[rows x k] @ W[k x n], W row-major. For a handful of rows a BLAS call
+// C[rows x n] (= or +=) A[rows x k] @ W[k x n], W row-major with leading dimension ldw. For a handful of rows a BLAS call
 // costs more in fixed overhead than in arithmetic; this streams W once per group of rows, keeping
 // a strip of C in registers. Used for the recurrent product when a step has few rows.
 
@@ -137,41 +137,49 @@ TRF_ALWAYS_INLINE void small_gemm_strip_vec(const T* a, int64_t lda, const T* w,
 }
 
 template <typename T, int R>
-TRF_ALWAYS_INLINE void small_gemm_rows(const T* a, int64_t lda, const T* w, int64_t k, int64_t n,
-                                       T* c, int64_t ldc, bool accumulate) {
+TRF_ALWAYS_INLINE void small_gemm_rows(const T* a, int64_t lda, const T* w, int64_t ldw, int64_t k,
+                                       int64_t n, T* c, int64_t ldc, bool accumulate) {
   constexpr int NV = 8 / R;
-  constexpr int strip = NV * Vec64<T>::lanes;
+  constexpr int L = Vec64<T>::lanes;
   int64_t n0 = 0;
-  for (; n0 + strip <= n; n0 += strip)
-    small_gemm_strip_vec<T, R, NV>(a, lda, w, n, k, c, ldc, accumulate, n0);
-  constexpr int NB = Vec64<T>::lanes;
-  for (; n0 < n; n0 += NB)
-    small_gemm_strip<T, R, NB>(a, lda, w, n, k, c, ldc, accumulate, n0,
-                               std::min<int64_t>(NB, n - n0));
+  for (; n0 + NV * L <= n; n0 += NV * L)
+    small_gemm_strip_vec<T, R, NV>(a, lda, w, ldw, k, c, ldc, accumulate, n0);
+  if constexpr (NV > 4) {
+    for (; n0 + 4 * L <= n; n0 += 4 * L)
+      small_gemm_strip_vec<T, R, 4>(a, lda, w, ldw, k, c, ldc, accumulate, n0);
+  }
+  if constexpr (NV > 2) {
+    for (; n0 + 2 * L <= n; n0 += 2 * L)
+      small_gemm_strip_vec<T, R, 2>(a, lda, w, ldw, k, c, ldc, accumulate, n0);
+  }
+  for (; n0 < n; n0 += L)
+    small_gemm_strip<T, R, L>(a, lda, w, ldw, k, c, ldc, accumulate, n0,
+                              std::min<int64_t>(L, n - n0));
 }
 
 template <typename T>
 TRF_ALWAYS_INLINE void small_gemm_impl(int64_t rows, int64_t k, int64_t n, const T* a, int64_t lda,
-                                       const T* w, T* c, int64_t ldc, bool accumulate) {
+                                       const T* w, int64_t ldw, T* c, int64_t ldc,
+                                       bool accumulate) {
   int64_t r = 0;
   for (; r + 4 <= rows; r += 4)
-    small_gemm_rows<T, 4>(a + r * lda, lda, w, k, n, c + r * ldc, ldc, accumulate);
+    small_gemm_rows<T, 4>(a + r * lda, lda, w, ldw, k, n, c + r * ldc, ldc, accumulate);
   for (; r + 2 <= rows; r += 2)
-    small_gemm_rows<T, 2>(a + r * lda, lda, w, k, n, c + r * ldc, ldc, accumulate);
+    small_gemm_rows<T, 2>(a + r * lda, lda, w, ldw, k, n, c + r * ldc, ldc, accumulate);
   for (; r < rows; ++r)
-    small_gemm_rows<T, 1>(a + r * lda, lda, w, k, n, c + r * ldc, ldc, accumulate);
+    small_gemm_rows<T, 1>(a + r * lda, lda, w, ldw, k, n, c + r * ldc, ldc, accumulate);
 }
 
 TRF_CPU_CLONES static void small_gemm(int64_t rows, int64_t k, int64_t n, const float* a,
-                                      int64_t lda, const float* w, float* c, int64_t ldc,
+                                      int64_t lda, const float* w, int64_t ldw, float* c, int64_t ldc,
                                       bool accumulate) {
-  small_gemm_impl<float>(rows, k, n, a, lda, w, c, ldc, accumulate);
+  small_gemm_impl<float>(rows, k, n, a, lda, w, ldw, c, ldc, accumulate);
 }
 
 TRF_CPU_CLONES static void small_gemm(int64_t rows, int64_t k, int64_t n, const double* a,
-                                      int64_t lda, const double* w, double* c, int64_t ldc,
+                                      int64_t lda, const double* w, int64_t ldw, double* c, int64_t ldc,
                                       bool accumulate) {
-  small_gemm_impl<double>(rows, k, n, a, lda, w, c, ldc, accumulate);
+  small_gemm_impl<double>(rows, k, n, a, lda, w, ldw, c, ldc, accumulate);
 }
 
 // Steps with at most this many rows use small_gemm instead of BLAS.
@@ -184,7 +192,7 @@ void recurrent_gemm(int64_t rows, int64_t k, int64_t n, const T* a, int64_t lda,
                     T* c, int64_t ldc, bool accumulate) {
   if (rows <= 0) return;
   if (rows <= kSmallGemmRows) {
-    small_gemm(rows, k, n, a, lda, w_kn, c, ldc, accumulate);
+    small_gemm(rows, k, n, a, lda, w_kn, n, c, ldc, accumulate);
   } else {
     gemm<T>(false, false, rows, n, k, T(1), a, lda, w_kn, n, accumulate ? T(1) : T(0), c, ldc);
   }

@@ -3,6 +3,8 @@
 // same structure, and the weight/input gradients as large GEMMs after the loop.
 #include <torch/library.h>
 
+#include <omp.h>
+
 #include "../include/timerec/lstm_cell.h"
 #include "cpu_blas.h"
 #include "cpu_kernels.h"
@@ -12,23 +14,25 @@ namespace {
 
 // ---- pointwise row kernels -------------------------------------------------------------------
 
+// Hidden units [j0, j1) of rows [r0, r1).
 template <typename T>
-TRF_ALWAYS_INLINE void lstm_forward_rows_impl(int64_t r0, int64_t r1, int64_t H, T* gates,
-                                              T* c_state, T* cells, T* h_out, T* h_state) {
+TRF_ALWAYS_INLINE void lstm_forward_rows_impl(int64_t r0, int64_t r1, int64_t H, int64_t j0,
+                                              int64_t j1, T* gates, T* c_state, T* cells,
+                                              T* h_out, T* h_state) {
   for (int64_t b = r0; b < r1; ++b) {
     T* g = gates + b * 4 * H;
     T* cs = c_state + b * H;
     T* cl = cells + b * H;
     T* ho = h_out + b * H;
 #pragma GCC ivdep
-    for (int64_t j = 0; j < H; ++j) {
+    for (int64_t j = j0; j < j1; ++j) {
       T c, h;
       lstm_cell_forward(g[j], g[H + j], g[2 * H + j], g[3 * H + j], cs[j], c, h);
       cs[j] = c;
       cl[j] = c;
       ho[j] = h;
     }
-    if (h_state != nullptr) std::memcpy(h_state + b * H, ho, H * sizeof(T));
+    if (h_state != nullptr) std::memcpy(h_state + b * H + j0, ho + j0, (j1 - j0) * sizeof(T));
   }
 }
 
@@ -60,7 +64,11 @@ TRF_ALWAYS_INLINE void lstm_backward_rows_impl(int64_t r0, int64_t r1, int64_t H
 #define TRF_DEFINE_LSTM_ROWS(T)                                                                  \
   TRF_CPU_CLONES void lstm_forward_rows(int64_t r0, int64_t r1, int64_t H, T* gates,             \
                                         T* c_state, T* cells, T* h_out, T* h_state) {            \
-    lstm_forward_rows_impl<T>(r0, r1, H, gates, c_state, cells, h_out, h_state);                 \
+    lstm_forward_rows_impl<T>(r0, r1, H, 0, H, gates, c_state, cells, h_out, h_state);           \
+  }                                                                                              \
+  TRF_CPU_CLONES void lstm_forward_units(int64_t rows, int64_t H, int64_t j0, int64_t j1,        \
+                                         T* gates, T* c_state, T* cells, T* h_out, T* h_state) { \
+    lstm_forward_rows_impl<T>(0, rows, H, j0, j1, gates, c_state, cells, h_out, h_state);        \
   }                                                                                              \
   TRF_CPU_CLONES void lstm_backward_rows(int64_t r0, int64_t r1, int64_t H, const T* gates,      \
                                          const T* cells, PrevRows<T> c_prev, const T* dh_a,      \
@@ -102,6 +110,45 @@ void lstm_forward_block(const Schedule& s, RowBlock blk, int64_t H, int64_t P, c
       std::memcpy(hs, out + off * P, n * P * sizeof(T));
     }
   }
+}
+
+// Few rows and several threads (e.g. one sequence at inference): the batch cannot be split, so
+// the hidden units are. Each thread owns units [j0, j1): their four gate columns of W_hh^T (kept
+// in its own cache across steps), their cell state and their slice of h. One barrier per step;
+// h is double-buffered so a thread never overwrites the h another thread is still reading.
+// Only for padded input without projection (every row active at every step).
+template <typename T>
+void lstm_forward_unit_split(const Schedule& s, int64_t H, const T* w_hh_t, T* gates, T* cells,
+                             T* out, T* h_state, T* c_state, T* h_spare, int threads) {
+  const int64_t G = 4 * H, B = s.batch;
+#pragma omp parallel num_threads(threads)
+  {
+    const int64_t nt = omp_get_num_threads(), tid = omp_get_thread_num();
+    const int64_t chunk = (H + nt - 1) / nt;
+    const int64_t j0 = std::min(H, tid * chunk), j1 = std::min(H, j0 + chunk);
+    T* bufs[2] = {h_state, h_spare};
+    for (int64_t k = 0; k < s.steps; ++k) {
+      const int64_t off = s.offsets[s.time_at(k)];
+      T* g = gates + off * G;
+      const T* h_prev = bufs[k % 2];
+      T* h_next = bufs[(k + 1) % 2];
+      if (j1 > j0) {
+        for (int64_t q = 0; q < 4; ++q)
+          small_gemm(B, H, j1 - j0, h_prev, H, w_hh_t + q * H + j0, G, g + q * H + j0, G, true);
+        lstm_forward_units(B, H, j0, j1, g, c_state, cells + off * H, out + off * H, h_next);
+      }
+#pragma omp barrier
+    }
+  }
+  if (s.steps % 2 == 1) std::memcpy(h_state, h_spare, B * H * sizeof(T));
+}
+
+bool use_unit_split(const Schedule& s, int64_t H, bool proj, int threads) {
+  if (proj || threads < 2 || at::in_parallel_region() || H < 64 * threads) return false;
+  if (s.batch > kSmallGemmRows) return false;
+  for (int64_t bs : s.batch_sizes)
+    if (bs != s.batch) return false;
+  return true;
 }
 
 template <typename T>
@@ -193,6 +240,18 @@ lstm_forward_cpu(const at::Tensor& input, const at::Tensor& batch_sizes, const a
   at::Tensor w_hh_t = w_hh.t().contiguous();
   at::Tensor w_hr_t = d.proj ? w_hr->t().contiguous() : at::Tensor();
 
+  const int threads = at::get_num_threads();
+  if (use_unit_split(s, d.H, d.proj, threads)) {
+    at::Tensor h_spare = at::empty_like(h_state);
+    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "timerec_fast_lstm_forward_units", [&] {
+      lstm_forward_unit_split<scalar_t>(s, d.H, w_hh_t.data_ptr<scalar_t>(),
+                                        gates.data_ptr<scalar_t>(), cells.data_ptr<scalar_t>(),
+                                        out.data_ptr<scalar_t>(), h_state.data_ptr<scalar_t>(),
+                                        c_state.data_ptr<scalar_t>(),
+                                        h_spare.data_ptr<scalar_t>(), threads);
+    });
+    return {out, h_state, c_state, gates, cells, hpre};
+  }
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "timerec_fast_lstm_forward", [&] {
     for_blocks(split_batch(s, kMinRowsPerBlock), [&](RowBlock blk) {
       lstm_forward_block<scalar_t>(s, blk, d.H, d.P, w_hh_t.data_ptr<scalar_t>(),

@@ -1,0 +1,69 @@
+"""The CPU kernels' shape-dependent paths: batch split across threads, the small-batch GEMM and
+the hidden-unit split for few rows. Each must agree with torch.nn exactly like the default path."""
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_sequence
+
+import timerec_fast
+
+
+@pytest.fixture
+def threads():
+    old = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(old)
+
+
+def _pair(cls, ref_cls, dtype, **kw):
+    torch.manual_seed(0)
+    ref = ref_cls(**kw).to(dtype)
+    ours = cls(**kw).to(dtype)
+    ours.load_state_dict(ref.state_dict())
+    return ours, ref
+
+
+def _check(ours, ref, x, tol):
+    outs = [m(x) for m in (ours, ref)]
+    flat = [[o[0]] + (list(o[1]) if isinstance(o[1], tuple) else [o[1]]) for o in outs]
+    for a, b in zip(*flat):
+        torch.testing.assert_close(a, b, **tol)
+    w = torch.randn_like(flat[1][0])
+    grads = [torch.autograd.grad((f[0] * w).sum() + f[1].sum(), [x] + list(m.parameters()))
+             for f, m in zip(flat, (ours, ref))]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, **tol)
+
+
+TOL = {torch.float64: dict(rtol=1e-9, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=2e-5)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("batch", [1, 3, 8])
+@pytest.mark.parametrize("num_threads", [1, 2])
+def test_lstm_few_rows_hidden_split(threads, dtype, batch, num_threads):
+    # H = 128 >= 64 per thread, padded input, no projection: the unit-split forward with 2 threads.
+    threads(num_threads)
+    ours, ref = _pair(timerec_fast.LSTM, torch.nn.LSTM, dtype, input_size=16, hidden_size=128,
+                      num_layers=2, bidirectional=True)
+    x = torch.randn(7, batch, 16, dtype=dtype, requires_grad=True)
+    _check(ours, ref, x, TOL[dtype])
+
+
+@pytest.mark.parametrize("cls,ref_cls", [(timerec_fast.LSTM, torch.nn.LSTM),
+                                         (timerec_fast.GRU, torch.nn.GRU)])
+@pytest.mark.parametrize("batch", [9, 40])
+def test_batch_split_packed(threads, cls, ref_cls, batch):
+    # Enough rows for one block per thread; unequal lengths make the blocks' work uneven.
+    threads(2)
+    ours, ref = _pair(cls, ref_cls, torch.float64, input_size=5, hidden_size=24,
+                      bidirectional=True)
+    seqs = [torch.randn(int(n), 5, dtype=torch.float64)
+            for n in torch.randint(1, 12, (batch,))]
+    x = pack_sequence(seqs, enforce_sorted=False)
+    x.data.requires_grad_(True)
+    outs = [m(x) for m in (ours, ref)]
+    torch.testing.assert_close(outs[0][0].data, outs[1][0].data, **TOL[torch.float64])
+    grads = [torch.autograd.grad(o[0].data.square().sum(), [x.data] + list(m.parameters()))
+             for o, m in zip(outs, (ours, ref))]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, **TOL[torch.float64])
