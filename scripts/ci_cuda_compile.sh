@@ -65,3 +65,12 @@ for op in ("lstm_forward", "gru_forward", "time_lstm_forward", "tlstm_forward"):
 print("ci_cuda_compile: OK, imported", so[0], "with CPU and CUDA kernels of every cell; cuda available:",
       torch.cuda.is_available())
 EOF
+
+# Pack the build into a wheel, in the same copy: setuptools reuses its build/ directory, so ninja
+# only relinks (the version is tagged cuXYZ.torchX.Y; install it where that torch runs).
+start=$(date +%s)
+rm -f dist/timerec_fast-*.whl
+TIMEREC_FORCE_CPU=0 "$VENV/bin/pip" wheel -q --no-build-isolation --no-deps -w dist .
+WHEEL=$(ls dist/timerec_fast-*.whl)
+echo "ci_cuda_compile: packed the CUDA build into $SRC/$WHEEL ($(( $(date +%s) - start )) s)"
+"$VENV/bin/python" -c "import sys, zipfile; print(zipfile.ZipFile(sys.argv[1]).read('timerec_fast/_build_info.py').decode().split(chr(34) * 3)[-1].strip())" "$WHEEL"
