@@ -222,8 +222,11 @@ class TimeLSTM(_FusedRNNMixin, nn.Module):
         if rows.device != x.device:
             raise RuntimeError(f"TimeLSTM: delta_t must be on {x.device} like the input, got "
                                f"{rows.device}")
-        rows = rows.to(x.dtype)
-        if not torch.compiler.is_compiling():
+        # Under CUDA autocast the op runs in fp32 (gaps in seconds overflow fp16), so keep fp32.
+        autocast = x.is_cuda and torch.is_autocast_enabled()
+        rows = rows.to(torch.float32 if autocast and x.dtype != torch.float64 else x.dtype)
+        capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+        if not torch.compiler.is_compiling() and not capturing:  # the check syncs the device
             bad = ~(rows >= 0) | ~torch.isfinite(rows)
             if bool(bad.any()):
                 idx = int(bad.nonzero()[0, 0])
