@@ -105,6 +105,8 @@ setup(
     python_requires=">=3.9",
     # The extension links against this torch's C++ ABI: pin its minor version.
     install_requires=[f"torch>={TORCH_MAJOR}.{TORCH_MINOR},<{TORCH_MAJOR}.{TORCH_MINOR + 1}", "numpy", "tqdm", "matplotlib"],
-    extras_require={"test": ["pytest", "pytest-benchmark", "expecttest"]},
+    extras_require={"test": ["pytest", "pytest-benchmark", "expecttest"],
+                    "parquet": ["pyarrow"], "tensorboard": ["tensorboard"]},
+    entry_points={"console_scripts": ["timerec = timerec_fast.recsys.cli:main"]},
     zip_safe=False,
 )
