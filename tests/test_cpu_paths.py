@@ -41,9 +41,9 @@ TOL = {torch.float64: dict(rtol=1e-9, atol=1e-10), torch.float32: dict(rtol=1e-4
 @pytest.mark.parametrize("batch", [1, 3, 8])
 @pytest.mark.parametrize("num_threads", [1, 2])
 def test_lstm_few_rows_hidden_split(threads, dtype, batch, num_threads):
-    # H = 128 >= 64 per thread, padded input, no projection: the unit-split forward with 2 threads.
+    # H = 256 >= 128 per thread, padded input, no projection: the unit-split forward with 2 threads.
     threads(num_threads)
-    ours, ref = _pair(timerec_fast.LSTM, torch.nn.LSTM, dtype, input_size=16, hidden_size=128,
+    ours, ref = _pair(timerec_fast.LSTM, torch.nn.LSTM, dtype, input_size=16, hidden_size=256,
                       num_layers=2, bidirectional=True)
     x = torch.randn(7, batch, 16, dtype=dtype, requires_grad=True)
     _check(ours, ref, x, TOL[dtype])

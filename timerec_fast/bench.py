@@ -13,14 +13,15 @@ LSTM_SHAPES = [(256, 50, 64, 64), (256, 50, 128, 128), (64, 200, 128, 256), (1, 
 GRU_SHAPES = [(256, 50, 64, 64), (256, 50, 128, 128), (1, 50, 128, 128)]
 TIME_SHAPES = [(256, 50, 64, 64), (256, 50, 128, 128)]
 
-GATES = {"LSTM": 4, "GRU": 3, "TimeLSTM": 4, "TimeLSTM/LSTM": 4}
+# (gate blocks in W_ih, gate blocks in W_hh) of the fused side of each pair (TimeLSTM: time_lstm3).
+GATES = {"LSTM": (4, 4), "GRU": (3, 3), "TimeLSTM": (5, 3)}
 
 
 def matmul_flops(cell, batch, steps, input_size, hidden_size, mode):
     """Matmul FLOPs of one layer, one direction: forward = x W_ih^T + h W_hh^T per step;
     a training step adds dX, dW_ih, dW_hh and the recurrent dh (2x the forward)."""
-    gates = GATES[cell]
-    fwd = 2.0 * batch * steps * gates * hidden_size * (input_size + hidden_size)
+    g_in, g_h = GATES[cell.split("/")[0]]
+    fwd = 2.0 * batch * steps * hidden_size * (g_in * input_size + g_h * hidden_size)
     return fwd if mode == "forward" else 3.0 * fwd
 
 
