@@ -269,11 +269,13 @@ def cmd_demo(args) -> int:
     rec.plot_explain(rows, png)
     print(f"plot: {png}; learning curves: {out}/<model>/curves.png")
     if not args.no_bench:
-        print("\n== fused kernels vs torch.nn on this machine")
-        try:
-            cmd_bench(argparse.Namespace(threads=0))
-        except RecsysError as e:
-            print(f"(bench skipped: {e})")
+        # In a fresh process: the heap settings above (fixed 1 MiB mmap threshold) make every
+        # large temporary a fresh mmap, which would skew the timings against the fused ops.
+        print("\n== fused kernels vs torch.nn on this machine", flush=True)
+        import subprocess
+        r = subprocess.run([sys.executable, "-m", "timerec_fast.recsys", "bench"])
+        if r.returncode != 0:
+            print(f"(bench failed with exit status {r.returncode})")
     print(f"\ndemo finished in {time.perf_counter() - t0:.0f} s; checkpoints in {out}")
     print(f"try: timerec recommend --checkpoint {os.path.join(out, 'timelstm')} --user {user}")
     return 0
