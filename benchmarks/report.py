@@ -30,8 +30,12 @@ DEFAULT_DIR = HERE / "results"
 
 # ---- loading --------------------------------------------------------------------------------------
 
-def _row(source, cell, mode, b, t, i, h, ms_ours, ms_ref, dtype="fp32", packed=False, ms_floor=None):
-    speedup = ms_ref / ms_ours if ms_ours and ms_ref else None
+def _row(source, cell, mode, b, t, i, h, ms_ours, ms_ref, dtype="fp32", packed=False, ms_floor=None,
+         speedup=None):
+    # A speedup the file records (measured pairwise in one process, or the median of per-run
+    # speedups) wins over the ratio of the two median times.
+    if speedup is None:
+        speedup = ms_ref / ms_ours if ms_ours and ms_ref else None
     return dict(source=source, cell=cell, mode=mode, dtype=dtype, packed=bool(packed), B=int(b),
                 T=int(t), I=int(i), H=int(h), ms_ours=ms_ours, ms_ref=ms_ref, speedup=speedup,
                 ms_floor=ms_floor)
@@ -65,7 +69,8 @@ def load_cpu_report(doc, name):
     meta = dict(kind="cpu_report", file=name, device=device, commit=m.get("commit", ""),
                 torch=m.get("torch", ""), gemm_gflops=m.get("gemm_gflops"))
     rows = [_row(device, r["cell"], r["mode"], r["B"], r["T"], r["I"], r["H"], r["ms_ours"],
-                 r["ms_ref"], dtype=r.get("dtype", "fp32"), ms_floor=r.get("ms_floor"))
+                 r["ms_ref"], dtype=r.get("dtype", "fp32"), ms_floor=r.get("ms_floor"),
+                 speedup=r.get("speedup"))
             for r in doc.get("rows", [])]
     return meta, rows
 
@@ -76,7 +81,7 @@ def load_gpu(doc, name):
                 torch=doc.get("torch", ""), csrc_sha256=str(doc.get("csrc_sha256", ""))[:12])
     rows = [_row(meta["device"], r.get("cell", "lstm"), r["mode"], r["B"], r["T"], r["I"], r["H"],
                  r["ms_ours"], r["ms_ref"], dtype=r.get("dtype", "fp32"), packed=r.get("packed"),
-                 ms_floor=r.get("ms_floor"))
+                 ms_floor=r.get("ms_floor"), speedup=r.get("ratio"))
             for r in doc.get("rows", []) if r.get("ms_ours") and r.get("ms_ref")]
     return meta, rows
 
