@@ -139,7 +139,6 @@ class _FusedRNNMixin:
             batch_sizes = torch.full((steps,), batch, dtype=torch.int64)
 
         if batch == 0:  # torch.nn returns empty outputs and the (empty) states
-            num_directions = 2 if self.bidirectional else 1
             width = num_directions * self._state_sizes()[0]
             out, finals = rows.new_zeros((0, width)), states
         else:
