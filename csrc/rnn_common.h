@@ -6,6 +6,8 @@
 #include <algorithm>
 #include <vector>
 
+#include "include/timerec/time_lstm_cell.h"
+
 namespace timerec {
 
 // cuDNN-style packed layout: step t owns rows [offset[t], offset[t] + batch_sizes[t]) of the
@@ -112,6 +114,81 @@ inline void check_delta_t(const at::Tensor& delta_t, const at::Tensor& input) {
   TORCH_CHECK(delta_t.scalar_type() == input.scalar_type() && delta_t.device() == input.device(),
               "timerec_fast: delta_t must be ", input.scalar_type(), " on ", input.device(),
               " like the input, got ", delta_t.scalar_type(), " on ", delta_t.device());
+}
+
+// ---- per-cell argument checks, shared by the CPU and CUDA ops --------------------------------
+// device_check(H) runs once the state width H is known and before the shape checks: each device
+// checks its dtypes (and, on CUDA, the cuBLAS int limits) there.
+
+struct LstmShapes {
+  int64_t N, I, B, H, P;
+  bool proj;
+};
+
+template <typename DeviceCheck>
+LstmShapes check_lstm_shapes(const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0,
+                             const at::Tensor& w_ih, const at::Tensor& w_hh,
+                             const c10::optional<at::Tensor>& w_hr,
+                             const DeviceCheck& device_check) {
+  check_rows_input(input, "LSTM");
+  TORCH_CHECK(h0.dim() == 2 && c0.dim() == 2, "timerec_fast.lstm: h0 and c0 must be 2-D, got ",
+              h0.sizes(), " and ", c0.sizes());
+  LstmShapes d;
+  d.N = input.size(0);
+  d.I = input.size(1);
+  d.B = h0.size(0);
+  d.H = c0.size(1);
+  device_check(d.H);
+  d.proj = w_hr.has_value() && w_hr->defined();
+  d.P = d.proj ? w_hr->size(0) : d.H;
+  check_matrix(h0, "h0", d.B, d.P, input);
+  check_matrix(c0, "c0", d.B, d.H, input);
+  check_matrix(w_ih, "w_ih", 4 * d.H, d.I, input);
+  check_matrix(w_hh, "w_hh", 4 * d.H, d.P, input);
+  if (d.proj) check_matrix(*w_hr, "w_hr", d.P, d.H, input);
+  return d;
+}
+
+// Returns H.
+template <typename DeviceCheck>
+int64_t check_gru_shapes(const at::Tensor& input, const at::Tensor& h0, const at::Tensor& w_ih,
+                         const at::Tensor& w_hh, const DeviceCheck& device_check) {
+  check_rows_input(input, "GRU");
+  TORCH_CHECK(h0.dim() == 2, "timerec_fast.GRU: h0 must be 2-D, got ", h0.sizes());
+  const int64_t H = h0.size(1);
+  device_check(H);
+  check_matrix(w_ih, "w_ih", 3 * H, input.size(1), input);
+  check_matrix(w_hh, "w_hh", 3 * H, H, input);
+  check_matrix(h0, "h0", h0.size(0), H, input);
+  return H;
+}
+
+inline TimeLstmLayout checked_time_lstm_layout(int64_t variant) {
+  TORCH_CHECK(variant >= kTimeLstm1 && variant <= kTimeLstm3,
+              "timerec_fast.TimeLSTM: variant must be 1, 2 or 3, got ", variant);
+  return time_lstm_layout(static_cast<int>(variant));
+}
+
+struct TimeShapes {
+  int64_t N, B, H;
+};
+
+// gates / h_gates: gate blocks in w_ih / w_hh.
+template <typename DeviceCheck>
+TimeShapes check_time_shapes(const char* cell, const at::Tensor& input, const at::Tensor& delta_t,
+                             const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
+                             const at::Tensor& w_hh, int64_t gates, int64_t h_gates,
+                             const DeviceCheck& device_check) {
+  check_rows_input(input, cell);
+  TORCH_CHECK(h0.dim() == 2, "timerec_fast.", cell, ": h0 must be 2-D, got ", h0.sizes());
+  device_check(h0.size(1));
+  check_delta_t(delta_t, input);
+  TimeShapes d{input.size(0), h0.size(0), h0.size(1)};
+  check_matrix(c0, "c0", d.B, d.H, input);
+  check_matrix(h0, "h0", d.B, d.H, input);
+  check_matrix(w_ih, "w_ih", gates * d.H, input.size(1), input);
+  check_matrix(w_hh, "w_hh", h_gates * d.H, d.H, input);
+  return d;
 }
 
 }  // namespace timerec

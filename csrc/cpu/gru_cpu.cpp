@@ -122,15 +122,10 @@ void gru_backward_block(const Schedule& s, RowBlock blk, int64_t H, const T* w_h
   }
 }
 
+// The dtype is checked by each op (check_cpu_dtype) before the shapes.
 int64_t check_gru_args(const at::Tensor& input, const at::Tensor& h0, const at::Tensor& w_ih,
                        const at::Tensor& w_hh) {
-  check_rows_input(input, "GRU");
-  TORCH_CHECK(h0.dim() == 2, "timerec_fast.GRU: h0 must be 2-D, got ", h0.sizes());
-  const int64_t H = h0.size(1);
-  check_matrix(w_ih, "w_ih", 3 * H, input.size(1), input);
-  check_matrix(w_hh, "w_hh", 3 * H, H, input);
-  check_matrix(h0, "h0", h0.size(0), H, input);
-  return H;
+  return check_gru_shapes(input, h0, w_ih, w_hh, [](int64_t) {});
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_forward_cpu(

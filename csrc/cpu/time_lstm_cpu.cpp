@@ -16,22 +16,6 @@ namespace {
 
 constexpr int64_t kMinRowsPerBlock = 8;
 
-// Column blocks (in units of H) of each gate inside a gates row; -1 when the variant lacks it.
-// Gates that see h come first so the recurrent GEMM writes one contiguous prefix of the row.
-struct TimeLstmLayout {
-  int i, f, g, o, t1, t2;
-  int h_gates, gates;
-  static TimeLstmLayout of(int64_t variant) {
-    switch (variant) {
-      case kTimeLstm1: return {0, 1, 2, 3, 4, -1, 4, 5};
-      case kTimeLstm2: return {0, 1, 2, 3, 4, 5, 4, 6};
-      case kTimeLstm3: return {0, -1, 1, 2, 3, 4, 3, 5};
-    }
-    TORCH_CHECK(false, "timerec_fast.TimeLSTM: variant must be 1, 2 or 3, got ", variant);
-    return {};
-  }
-};
-
 // ---- Time-LSTM pointwise ---------------------------------------------------------------------
 // The variant is a template parameter so each loop is branch-free and vectorizes; gate columns
 // are addressed through per-gate row pointers (gates a variant lacks point at a scratch row).
@@ -399,23 +383,11 @@ void tlstm_backward_block(const Schedule& s, RowBlock blk, int64_t H, const T* w
 
 // ---- ops ---------------------------------------------------------------------------------------
 
-struct TimeShapes {
-  int64_t N, B, H;
-};
-
 TimeShapes check_time_args(const char* cell, const at::Tensor& input, const at::Tensor& delta_t,
                            const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
                            const at::Tensor& w_hh, int64_t gates, int64_t h_gates) {
-  check_rows_input(input, cell);
-  check_cpu_dtype(input, cell);
-  check_delta_t(delta_t, input);
-  TORCH_CHECK(h0.dim() == 2, "timerec_fast.", cell, ": h0 must be 2-D, got ", h0.sizes());
-  TimeShapes d{input.size(0), h0.size(0), h0.size(1)};
-  check_matrix(c0, "c0", d.B, d.H, input);
-  check_matrix(h0, "h0", d.B, d.H, input);
-  check_matrix(w_ih, "w_ih", gates * d.H, input.size(1), input);
-  check_matrix(w_hh, "w_hh", h_gates * d.H, d.H, input);
-  return d;
+  return check_time_shapes(cell, input, delta_t, h0, c0, w_ih, w_hh, gates, h_gates,
+                           [&](int64_t) { check_cpu_dtype(input, cell); });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -424,7 +396,7 @@ time_lstm_forward_cpu(const at::Tensor& input, const at::Tensor& delta_t,
                       const at::Tensor& w_ih, const at::Tensor& w_hh,
                       const c10::optional<at::Tensor>& bias, const at::Tensor& peep,
                       const at::Tensor& time_w, int64_t variant, bool reverse) {
-  const auto L = TimeLstmLayout::of(variant);
+  const auto L = checked_time_lstm_layout(variant);
   const auto d = check_time_args("TimeLSTM", input, delta_t, h0, c0, w_ih, w_hh, L.gates, L.h_gates);
   check_vector(bias, "bias", L.gates * d.H, input);
   check_matrix(peep, "peep", 3, d.H, input);
@@ -462,7 +434,7 @@ time_lstm_backward_cpu(const c10::optional<at::Tensor>& grad_output,
                        const at::Tensor& w_hh, const at::Tensor& peep, const at::Tensor& time_w,
                        const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cells,
                        const at::Tensor& cts, int64_t variant, bool reverse, bool input_grad) {
-  const auto L = TimeLstmLayout::of(variant);
+  const auto L = checked_time_lstm_layout(variant);
   const auto d = check_time_args("TimeLSTM", input, delta_t, h0, c0, w_ih, w_hh, L.gates, L.h_gates);
   const Schedule s = make_schedule(batch_sizes, d.N, d.B, reverse);
   const int64_t H = d.H, G = L.gates * H, Gh = L.h_gates * H;

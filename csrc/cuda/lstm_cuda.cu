@@ -356,37 +356,11 @@ inline bool choose_persistent_forward(const PersistentPlan& plan, int64_t B, int
 
 // ---- ops ---------------------------------------------------------------------------------------
 
-struct LstmShapes {
-  int64_t N, I, B, H, P;
-  bool proj;
-};
-
 LstmShapes check_lstm_args(const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0,
                            const at::Tensor& w_ih, const at::Tensor& w_hh,
                            const c10::optional<at::Tensor>& w_hr) {
-  check_rows_input(input, "LSTM");
-  TORCH_CHECK(input.is_cuda(), "timerec_fast.LSTM: CUDA kernel called with input on ",
-              input.device());
-  const auto st = input.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
-              "timerec_fast.LSTM on CUDA supports float16, bfloat16, float32 and float64, got ", st);
-  TORCH_CHECK(h0.dim() == 2 && c0.dim() == 2, "timerec_fast.lstm: h0 and c0 must be 2-D, got ",
-              h0.sizes(), " and ", c0.sizes());
-  LstmShapes d;
-  d.N = input.size(0);
-  d.I = input.size(1);
-  d.B = h0.size(0);
-  d.H = c0.size(1);
-  d.proj = w_hr.has_value() && w_hr->defined();
-  d.P = d.proj ? w_hr->size(0) : d.H;
-  check_matrix(h0, "h0", d.B, d.P, input);
-  check_matrix(c0, "c0", d.B, d.H, input);
-  check_matrix(w_ih, "w_ih", 4 * d.H, d.I, input);
-  check_matrix(w_hh, "w_hh", 4 * d.H, d.P, input);
-  if (d.proj) check_matrix(*w_hr, "w_hr", d.P, d.H, input);
-  TORCH_CHECK(d.N < (int64_t(1) << 31) && 4 * d.H < (int64_t(1) << 31) && d.I < (int64_t(1) << 31),
-              "timerec_fast.LSTM on CUDA: sizes must fit cuBLAS int dimensions");
-  return d;
+  return check_lstm_shapes(input, h0, c0, w_ih, w_hh, w_hr,
+                           [&](int64_t H) { check_cuda_input(input, "LSTM", 4 * H); });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>

@@ -34,25 +34,6 @@
 namespace timerec::cuda {
 namespace {
 
-// Column blocks (in units of H) of each gate inside a gates row (-1: the variant lacks it); the
-// gates that see h come first. Identical to TimeLstmLayout in csrc/cpu/time_lstm_cpu.cpp.
-struct Layout {
-  int i, f, g, o, t1, t2;
-  int h_gates, gates;
-};
-
-__host__ __device__ constexpr Layout layout_of(int variant) {
-  return variant == 1   ? Layout{0, 1, 2, 3, 4, -1, 4, 5}
-         : variant == 2 ? Layout{0, 1, 2, 3, 4, 5, 4, 6}
-                        : Layout{0, -1, 1, 2, 3, 4, 3, 5};
-}
-
-Layout host_layout(int64_t variant) {
-  TORCH_CHECK(variant >= 1 && variant <= 3,
-              "timerec_fast.TimeLSTM: variant must be 1, 2 or 3, got ", variant);
-  return layout_of(static_cast<int>(variant));
-}
-
 // Pre-activation of gate column block q: x W_ih^T (T) + bias + (h W_hh^T if the gate sees h).
 template <typename T, typename A>
 __device__ __forceinline__ A time_pre(int q, int h_gates, int64_t H, int64_t j, const T* g,
@@ -85,7 +66,7 @@ __global__ void time_lstm_forward_step_kernel(int64_t n, int64_t H, T* __restric
                                               A* __restrict__ c_state, T* __restrict__ cells,
                                               T* __restrict__ cts, T* __restrict__ h_out,
                                               T* __restrict__ h_state) {
-  constexpr Layout L = layout_of(V);
+  constexpr TimeLstmLayout L = time_lstm_layout(V);
   const int64_t G = L.gates * H, Gh = L.h_gates * H;
   const int64_t total = n * H;
   for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total;
@@ -128,7 +109,7 @@ __global__ void time_lstm_backward_step_kernel(
     const A* __restrict__ time_w, const T* __restrict__ gy, const A* __restrict__ dh_state,
     A* __restrict__ dc_state, T* __restrict__ dgates, T* __restrict__ c_prev,
     T* __restrict__ h_prev) {
-  constexpr Layout L = layout_of(V);
+  constexpr TimeLstmLayout L = time_lstm_layout(V);
   const int64_t G = L.gates * H;
   const int64_t total = n * H;
   for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total;
@@ -241,24 +222,12 @@ __global__ void tlstm_backward_step_kernel(
 
 // ---- ops ---------------------------------------------------------------------------------------
 
-struct TimeShapes {
-  int64_t N, B, H;
-};
-
 TimeShapes check_time_args_cuda(const char* cell, const at::Tensor& input,
                                 const at::Tensor& delta_t, const at::Tensor& h0,
                                 const at::Tensor& c0, const at::Tensor& w_ih,
                                 const at::Tensor& w_hh, int64_t gates, int64_t h_gates) {
-  check_rows_input(input, cell);
-  TORCH_CHECK(h0.dim() == 2, "timerec_fast.", cell, ": h0 must be 2-D, got ", h0.sizes());
-  check_cuda_input(input, cell, gates * h0.size(1));
-  check_delta_t(delta_t, input);
-  TimeShapes d{input.size(0), h0.size(0), h0.size(1)};
-  check_matrix(c0, "c0", d.B, d.H, input);
-  check_matrix(h0, "h0", d.B, d.H, input);
-  check_matrix(w_ih, "w_ih", gates * d.H, input.size(1), input);
-  check_matrix(w_hh, "w_hh", h_gates * d.H, d.H, input);
-  return d;
+  return check_time_shapes(cell, input, delta_t, h0, c0, w_ih, w_hh, gates, h_gates,
+                           [&](int64_t H) { check_cuda_input(input, cell, gates * H); });
 }
 
 // Grad tensors from autograd in opmath (cloned: the loops update them in place), or zeros.
@@ -283,7 +252,7 @@ time_lstm_forward_cuda(const at::Tensor& input, const at::Tensor& delta_t,
                        const at::Tensor& w_ih, const at::Tensor& w_hh,
                        const c10::optional<at::Tensor>& bias, const at::Tensor& peep,
                        const at::Tensor& time_w, int64_t variant, bool reverse) {
-  const Layout L = host_layout(variant);
+  const TimeLstmLayout L = checked_time_lstm_layout(variant);
   const auto d =
       check_time_args_cuda("TimeLSTM", input, delta_t, h0, c0, w_ih, w_hh, L.gates, L.h_gates);
   check_vector(bias, "bias", L.gates * d.H, input);
@@ -348,7 +317,7 @@ time_lstm_backward_cuda(const c10::optional<at::Tensor>& grad_output,
                         const at::Tensor& w_hh, const at::Tensor& peep, const at::Tensor& time_w,
                         const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cells,
                         const at::Tensor& cts, int64_t variant, bool reverse, bool input_grad) {
-  const Layout L = host_layout(variant);
+  const TimeLstmLayout L = checked_time_lstm_layout(variant);
   const auto d =
       check_time_args_cuda("TimeLSTM", input, delta_t, h0, c0, w_ih, w_hh, L.gates, L.h_gates);
   check_matrix(peep, "peep", 3, d.H, input);

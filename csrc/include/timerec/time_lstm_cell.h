@@ -19,6 +19,20 @@ namespace timerec {
 
 enum TimeLstmVariant : int { kTimeLstm1 = 1, kTimeLstm2 = 2, kTimeLstm3 = 3 };
 
+// Column blocks (in units of H) of each gate inside a gates row; -1 when the variant lacks it.
+// Gates that see h come first, so the recurrent GEMM writes one contiguous prefix of the row.
+// Rows of w_ih / bias: variant 1 [i, f, g, o, t], 2 [i, f, g, o, t1, t2], 3 [i, g, o, t1, t2].
+struct TimeLstmLayout {
+  int i, f, g, o, t1, t2;
+  int h_gates, gates;
+};
+
+TRF_HD constexpr TimeLstmLayout time_lstm_layout(int variant) {
+  return variant == kTimeLstm1   ? TimeLstmLayout{0, 1, 2, 3, 4, -1, 4, 5}
+         : variant == kTimeLstm2 ? TimeLstmLayout{0, 1, 2, 3, 4, 5, 4, 6}
+                                 : TimeLstmLayout{0, -1, 1, 2, 3, 4, 3, 5};
+}
+
 // Per-unit weights that are vectors, not matrices.
 template <typename T>
 struct TimeLstmUnitWeights {
