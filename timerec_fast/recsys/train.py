@@ -183,7 +183,21 @@ def train_item_counts(data: InteractionData, split: Split) -> np.ndarray:
 def train(data: InteractionData, cfg: TrainConfig, out: str, resume: bool = False,
           source: Optional[dict] = None, printer: Callable[[str], None] = print,
           progress: bool = True) -> Dict:
-    """Train ``cfg.model`` on ``data``; write the checkpoint directory ``out``; return metrics."""
+    """Train ``cfg.model`` on ``data``; write the checkpoint directory ``out``; return metrics.
+
+    Under torchrun the process group is created here and destroyed before returning: a gloo group
+    left to interpreter shutdown can abort the process ("terminate called without an active
+    exception", seen on rank 1 of the 2-process test)."""
+    owns_group = not (dist.is_available() and dist.is_initialized())
+    try:
+        return _train(data, cfg, out, resume, source, printer, progress)
+    finally:
+        if owns_group and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(data: InteractionData, cfg: TrainConfig, out: str, resume: bool,
+           source: Optional[dict], printer: Callable[[str], None], progress: bool) -> Dict:
     cfg.validate()
     distributed = maybe_init_distributed(cfg.device)
     rank, world = dist_info()
@@ -377,4 +391,6 @@ def _finish(model, data, split, cfg, out, history, t_start, cpu_start, best_epoc
         say(f"{cfg.model}: best epoch {best_epoch}, {res['epochs_run']} epochs, {res['seconds_per_epoch']:.2f} s/epoch, "
             f"total {total:.1f} s ({cpu:.1f} s CPU, {res['threads']} threads), peak RSS {res['peak_rss_mb']:.0f} MB; "
             f"checkpoint in {out}")
+    if distributed:
+        dist.barrier()  # no rank leaves (and tears the group down) while rank 0 still writes
     return res
