@@ -23,6 +23,12 @@ TORCH_LIBRARY(timerec_fast, m) {
       "lstm_forward(Tensor input, Tensor batch_sizes, Tensor h0, Tensor c0, Tensor w_ih, "
       "Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, bool reverse) -> "
       "(Tensor output, Tensor h_n, Tensor c_n, Tensor gates, Tensor cells, Tensor hpre)");
+  // The same forward for inference: nothing saved for a backward (no autograd formula). The
+  // CPU kernel then keeps no (N, 4H) gate matrix; other devices run lstm_forward and drop it.
+  m.def(
+      "lstm_inference(Tensor input, Tensor batch_sizes, Tensor h0, Tensor c0, Tensor w_ih, "
+      "Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, bool reverse) -> "
+      "(Tensor output, Tensor h_n, Tensor c_n)");
   // grad_input is empty when input_grad is false; grad_w_hr is empty without projection.
   m.def(
       "lstm_backward(Tensor? grad_output, Tensor? grad_h_n, Tensor? grad_c_n, Tensor input, "

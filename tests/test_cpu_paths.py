@@ -67,3 +67,59 @@ def test_batch_split_packed(threads, cls, ref_cls, batch):
              for o, m in zip(outs, (ours, ref))]
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, **TOL[torch.float64])
+
+
+# ---- the fused panel kernels (csrc/cpu/gate_panels.h) -------------------------------------------
+# Each case steers the LSTM forward to one path: the input projection inside the per-step tiles
+# (>= 16 rows per step on average), split by batch rows or by hidden units (W_hh too big to share
+# a core's cache), or the separate input GEMM for a few rows. H is never a multiple of the 16-lane
+# chunk, so the partial last chunk is always exercised. TIMEREC_CPU_GEMM picks AVX-512 (the
+# default where the CPU has it), AVX2, or the BLAS loop.
+FUSED_CASES = {
+    "fused-input": dict(batch=40, hidden=24, lengths=(9, 20)),
+    "unit-split": dict(batch=20, hidden=200, lengths=(3, 6)),
+    "few-rows": dict(batch=3, hidden=40, lengths=(2, 9)),
+}
+
+
+@pytest.mark.parametrize("gemm", ["", "avx2", "blas"])
+@pytest.mark.parametrize("num_threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("case", FUSED_CASES)
+def test_lstm_fused_paths(monkeypatch, threads, gemm, num_threads, dtype, case):
+    monkeypatch.setenv("TIMEREC_CPU_GEMM", gemm)
+    threads(num_threads)
+    c = FUSED_CASES[case]
+    ours, ref = _pair(timerec_fast.LSTM, torch.nn.LSTM, dtype, input_size=8,
+                      hidden_size=c["hidden"], bidirectional=True)
+    lo, hi = c["lengths"]
+    g = torch.Generator().manual_seed(1)
+    seqs = [torch.randn(int(n), 8, dtype=dtype, generator=g)
+            for n in torch.randint(lo, hi + 1, (c["batch"],), generator=g)]
+    x = pack_sequence(seqs, enforce_sorted=False)
+    tol = TOL[dtype]
+    with torch.no_grad():  # the inference op: no gates kept
+        for a, b in zip(ours(x)[1] + (ours(x)[0].data,), ref(x)[1] + (ref(x)[0].data,)):
+            torch.testing.assert_close(a, b, **tol)
+    x.data.requires_grad_(True)
+    outs = [m(x) for m in (ours, ref)]
+    for a, b in zip(outs[0][1] + (outs[0][0].data,), outs[1][1] + (outs[1][0].data,)):
+        torch.testing.assert_close(a, b, **tol)
+    grads = [torch.autograd.grad(o[0].data.square().sum() + o[1][1].sum(),
+                                 [x.data] + list(m.parameters())) for o, m in zip(outs, (ours, ref))]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, **tol)
+
+
+def test_lstm_inference_op_matches_forward():
+    torch.manual_seed(0)
+    T, B, I, H = 6, 32, 7, 37
+    x = torch.randn(T * B, I)
+    args = (x, torch.full((T,), B, dtype=torch.long), torch.randn(B, H), torch.randn(B, H),
+            torch.randn(4 * H, I), torch.randn(4 * H, H), torch.randn(4 * H), torch.randn(4 * H),
+            None, False)
+    full = torch.ops.timerec_fast.lstm_forward(*args)
+    inf = torch.ops.timerec_fast.lstm_inference(*args)
+    for a, b in zip(full[:3], inf):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.library.opcheck(torch.ops.timerec_fast.lstm_inference.default, args)

@@ -71,6 +71,11 @@ def _lstm_forward_fake(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr,
     )
 
 
+@torch.library.register_fake("timerec_fast::lstm_inference")
+def _lstm_inference_fake(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse):
+    return _lstm_forward_fake(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse)[:3]
+
+
 @torch.library.register_fake("timerec_fast::lstm_backward")
 def _lstm_backward_fake(grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0, c0, w_ih, w_hh,
                         w_hr, output, gates, cells, hpre, reverse, input_grad):
@@ -124,8 +129,12 @@ def lstm_layer(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_h
                reverse=False):
     """One LSTM layer, one direction, over a packed sequence. Returns (output, h_n, c_n)."""
     args = (input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse)
-    out, h_n, c_n, _, _, _ = call_op(_ops.lstm_forward.default, args, args[:9])
-    return out, h_n, c_n
+    if _needs_autograd(args[:9]):
+        out, h_n, c_n, _, _, _ = _ops.lstm_forward.default(*args)
+        return out, h_n, c_n
+    # Nothing will be differentiated: the inference op saves no gates for a backward.
+    with torch._C._AutoDispatchBelowAutograd():
+        return tuple(_ops.lstm_inference.default(*args))
 
 
 # ---------------------------------------------------------------------------------------------

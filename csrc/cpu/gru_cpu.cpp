@@ -6,6 +6,7 @@
 #include "../include/timerec/gru_cell.h"
 #include "cpu_blas.h"
 #include "cpu_kernels.h"
+#include "workspace.h"
 
 namespace timerec::cpu {
 namespace {
@@ -140,7 +141,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_forward_cpu(
   const Schedule s = make_schedule(batch_sizes, N, B, reverse);
   at::Tensor gates = cpu_input_projection(input, w_ih, b_ih);
   auto opts = input.options();
-  at::Tensor hn = at::empty({N, H}, opts);
+  at::Tensor hn = workspace_empty({N, H}, opts);
   at::Tensor out = at::empty({N, H}, opts);
   at::Tensor h_state = h0.clone(at::MemoryFormat::Contiguous);
   at::Tensor hg = at::empty({B, 3 * H}, opts);
@@ -174,9 +175,9 @@ gru_backward_cpu(const c10::optional<at::Tensor>& grad_output,
   auto opts = input.options();
   at::Tensor gy = grad_or_zeros(grad_output, {N, H}, input);
   at::Tensor dh_state = grad_or_zeros(grad_h_n, {B, H}, input).clone(at::MemoryFormat::Contiguous);
-  at::Tensor dxg = at::empty({N, 3 * H}, opts);
-  at::Tensor dhg = at::empty({N, 3 * H}, opts);
-  at::Tensor h_prev = at::empty({N, H}, opts);
+  at::Tensor dxg = workspace_empty({N, 3 * H}, opts);
+  at::Tensor dhg = workspace_empty({N, 3 * H}, opts);
+  at::Tensor h_prev = workspace_empty({N, H}, opts);
   at::Tensor gates_c = gates.contiguous(), hn_c = hn.contiguous(), out_c = output.contiguous();
   at::Tensor h0_c = h0.contiguous(), w_hh_c = w_hh.contiguous();
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "timerec_fast_gru_backward", [&] {

@@ -8,6 +8,8 @@
 #include "../include/timerec/lstm_cell.h"
 #include "cpu_blas.h"
 #include "cpu_kernels.h"
+#include "workspace.h"
+#include "gate_panels.h"
 
 namespace timerec::cpu {
 namespace {
@@ -189,6 +191,141 @@ void lstm_backward_block(const Schedule& s, RowBlock blk, int64_t H, int64_t P, 
   }
 }
 
+// ---- fused forward (gate_panels.h) ----------------------------------------------------------
+// h_prev comes from the previous step's output rows (or h0), never from a state buffer updated in
+// place, so a unit-split thread can read every unit of h_{t-1} while others write h_t. c is owned
+// per (row, unit) and updated in place; h_n is gathered from the output rows afterwards.
+template <typename T>
+struct LstmFusedArgs {
+  const Schedule* s;
+  const GatePanels* w;
+  const T* packed;
+  int64_t H;
+  const T* input;  // (N, I) when the panels include W_ih (w->K1 > 0), else unused
+  const T* bias;   // b_ih + b_hh (or null) when the panels include W_ih
+  T* gates;        // (N, 4H): the input projection when w->K1 == 0; the activations afterwards;
+                   // null at inference with K1 > 0
+  T* cells;        // (N, H), null at inference
+  T* out;
+  T* c_state;
+  const T* h0;
+};
+
+// Gate rows of a step: the saved (N, 4H) matrix, or, at inference, a per-thread scratch of
+// kScratchRows rows indexed by b mod kScratchRows (the rows of one tile are consecutive, at most
+// max_rows <= kScratchRows of them, so they never share a slot).
+constexpr int64_t kScratchRows = 16;
+
+template <typename T>
+struct LstmFusedRows {
+  const T* x;
+  int64_t I;
+  PrevRows<T> prev;
+  T* g;  // step's gate rows, or the scratch
+  bool scratch;
+  int64_t G;
+  const T* bias;
+  bool fused_input;
+  TRF_ALWAYS_INLINE const T* x_row(int64_t b) const { return x + b * I; }
+  TRF_ALWAYS_INLINE const T* a(int64_t b) const { return prev.row(b); }
+  TRF_ALWAYS_INLINE const T* init(int64_t b) const { return fused_input ? bias : g + b * G; }
+  TRF_ALWAYS_INLINE T* dst(int64_t b) const {
+    return scratch ? g + (b % kScratchRows) * G : g + b * G;
+  }
+};
+
+template <typename T>
+struct LstmFusedEpilogue {
+  const LstmFusedRows<T>* rows;
+  int64_t H;
+  T *c_state, *cells, *out;  // cells null at inference
+  TRF_ALWAYS_INLINE void operator()(int64_t b0, int64_t b1, int64_t j0, int64_t j1) const {
+    for (int64_t b = b0; b < b1; ++b) {
+      T* g = rows->dst(b);
+      T* cs = c_state + b * H;
+      T* ho = out + b * H;
+      T* cl = cells != nullptr ? cells + b * H : cs;  // cs: a harmless second store of c
+#pragma GCC ivdep
+      for (int64_t j = j0; j < j1; ++j) {
+        T c, h;
+        lstm_cell_forward(g[j], g[H + j], g[2 * H + j], g[3 * H + j], cs[j], c, h);
+        cs[j] = c;
+        cl[j] = c;
+        ho[j] = h;
+      }
+    }
+  }
+};
+
+template <PanelIsa Isa, typename T>
+TRF_ALWAYS_INLINE void lstm_fused_loop_impl(const LstmFusedArgs<T>& A, int64_t b0, int64_t b1,
+                                            int64_t u0, int64_t u1, bool barrier) {
+  const Schedule& s = *A.s;
+  const int64_t H = A.H, G = 4 * H, I = A.w->K1;
+  // Inference with the input projection fused in: no gate matrix at all, only this scratch.
+  const bool scratch = A.gates == nullptr;
+  std::vector<T> scratch_rows(scratch ? kScratchRows * G : 0);
+  for (int64_t k = 0; k < s.steps; ++k) {
+    const int64_t t = s.time_at(k);
+    const int64_t e = std::min(b1, s.batch_sizes[t]);
+    if (e > b0 && u1 > u0) {
+      const int64_t off = s.offsets[t];
+      const LstmFusedRows<T> rows{A.input + off * I,
+                                  I,
+                                  prev_rows(s, k, static_cast<const T*>(A.out), A.h0, H),
+                                  scratch ? scratch_rows.data() : A.gates + off * G,
+                                  scratch,
+                                  G,
+                                  A.bias,
+                                  I > 0};
+      const LstmFusedEpilogue<T> epi{&rows, H, A.c_state,
+                                     A.cells != nullptr ? A.cells + off * H : nullptr,
+                                     A.out + off * H};
+      panel_step<Isa, T, 4>(b0, e, u0, u1, *A.w, A.packed, rows, H, H, epi);
+    }
+    if (barrier) {
+#pragma omp barrier
+    }
+  }
+}
+
+#if TRF_HAVE_PANELS
+#define TRF_DEFINE_LSTM_FUSED(T)                                                                 \
+  TRF_TARGET_AVX512 void lstm_fused_loop_avx512(const LstmFusedArgs<T>& a, int64_t b0,          \
+                                                int64_t b1, int64_t u0, int64_t u1, bool bar) {  \
+    lstm_fused_loop_impl<PanelIsa::kAvx512, T>(a, b0, b1, u0, u1, bar);                          \
+  }                                                                                              \
+  TRF_TARGET_AVX2 void lstm_fused_loop_avx2(const LstmFusedArgs<T>& a, int64_t b0, int64_t b1,   \
+                                            int64_t u0, int64_t u1, bool bar) {                  \
+    lstm_fused_loop_impl<PanelIsa::kAvx2, T>(a, b0, b1, u0, u1, bar);                            \
+  }
+TRF_DEFINE_LSTM_FUSED(float)
+TRF_DEFINE_LSTM_FUSED(double)
+#undef TRF_DEFINE_LSTM_FUSED
+#endif
+
+template <typename T>
+void lstm_forward_fused(PanelIsa isa, const Schedule& s, int64_t H, const at::Tensor& w_hh,
+                        const at::Tensor& w_ih, const T* input, const T* bias, T* gates, T* cells,
+                        T* out, T* h_state, T* c_state, const T* h0, int64_t min_rows_per_block) {
+#if TRF_HAVE_PANELS
+  const GatePanels w = pack_gate_panels(w_hh, 4, H, panel_lanes(isa, sizeof(T)), w_ih);
+  const LstmFusedArgs<T> args{&s,  &w,    w.storage.data_ptr<T>(), H,       input, bias,
+                              gates, cells, out,                   c_state, h0};
+  const PanelSplit split = choose_panel_split(s, w, sizeof(T), min_rows_per_block);
+  run_panel_split(s, w, split, min_rows_per_block,
+                  [&](int64_t b0, int64_t b1, int64_t u0, int64_t u1, bool barrier) {
+                    if (isa == PanelIsa::kAvx512)
+                      lstm_fused_loop_avx512(args, b0, b1, u0, u1, barrier);
+                    else
+                      lstm_fused_loop_avx2(args, b0, b1, u0, u1, barrier);
+                  });
+  final_state_from_rows(s, static_cast<const T*>(out), H, h_state);
+#else
+  TORCH_CHECK(false, "timerec_fast: fused CPU kernels are not compiled in");
+#endif
+}
+
 // Blocks need at least this many rows to be worth a thread of their own.
 constexpr int64_t kMinRowsPerBlock = 8;
 
@@ -201,25 +338,50 @@ LstmShapes check_lstm_args(const at::Tensor& input, const at::Tensor& h0, const 
   return check_lstm_shapes(input, h0, c0, w_ih, w_hh, w_hr, [](int64_t) {});
 }
 
+// save = false (inference): what only the backward reads (gates, cells) may be left empty.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-lstm_forward_cpu(const at::Tensor& input, const at::Tensor& batch_sizes, const at::Tensor& h0,
-                 const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
-                 const c10::optional<at::Tensor>& b_ih, const c10::optional<at::Tensor>& b_hh,
-                 const c10::optional<at::Tensor>& w_hr, bool reverse) {
+lstm_forward_impl(const at::Tensor& input, const at::Tensor& batch_sizes, const at::Tensor& h0,
+                  const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                  const c10::optional<at::Tensor>& b_ih, const c10::optional<at::Tensor>& b_hh,
+                  const c10::optional<at::Tensor>& w_hr, bool reverse, bool save) {
   check_cpu_dtype(input, "LSTM");
   const auto d = check_lstm_args(input, h0, c0, w_ih, w_hh, w_hr);
   check_vector(b_ih, "b_ih", 4 * d.H, input);
   check_vector(b_hh, "b_hh", 4 * d.H, input);
   const Schedule s = make_schedule(batch_sizes, d.N, d.B, reverse);
 
-  // Input projection for every step at once, biases folded in.
-  at::Tensor gates = cpu_input_projection(input, w_ih, b_ih, b_hh);
   auto opts = input.options();
-  at::Tensor cells = at::empty({d.N, d.H}, opts);
+  at::Tensor cells = workspace_empty({d.N, d.H}, opts);
   at::Tensor out = at::empty({d.N, d.P}, opts);
-  at::Tensor hpre = d.proj ? at::empty({d.N, d.H}, opts) : at::empty({0}, opts);
+  at::Tensor hpre = d.proj ? workspace_empty({d.N, d.H}, opts) : at::empty({0}, opts);
   at::Tensor h_state = h0.clone(at::MemoryFormat::Contiguous);
   at::Tensor c_state = c0.clone(at::MemoryFormat::Contiguous);
+
+  const PanelIsa isa = panel_isa();
+  if (!d.proj && isa != PanelIsa::kNone && s.steps > 0) {
+    // With enough rows per step the input projection joins the per-step tiles (no (N, 4H) gate
+    // matrix written and read back); a few rows per step are better served by one big GEMM.
+    const bool fuse_input = fuse_input_projection(s);
+    at::Tensor gates = fuse_input ? workspace_empty({save ? d.N : 0, 4 * d.H}, opts)
+                                  : cpu_input_projection(input, w_ih, b_ih, b_hh);
+    at::Tensor x = fuse_input ? input.contiguous() : at::Tensor();
+    at::Tensor bias = fuse_input ? combined_bias(b_ih, b_hh) : at::Tensor();
+    at::Tensor h0_c = h0.contiguous();
+    if (!save) cells = at::empty({0, d.H}, opts);
+    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "timerec_fast_lstm_forward_fused", [&] {
+      lstm_forward_fused<scalar_t>(
+          isa, s, d.H, w_hh.contiguous(), fuse_input ? w_ih.contiguous() : at::Tensor(),
+          fuse_input ? x.data_ptr<scalar_t>() : nullptr,
+          bias.defined() ? bias.data_ptr<scalar_t>() : nullptr,
+          gates.numel() > 0 ? gates.data_ptr<scalar_t>() : nullptr,
+          save ? cells.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(), h_state.data_ptr<scalar_t>(),
+          c_state.data_ptr<scalar_t>(), h0_c.data_ptr<scalar_t>(), kMinRowsPerBlock);
+    });
+    return {out, h_state, c_state, gates, cells, hpre};
+  }
+
+  // Input projection for every step at once, biases folded in.
+  at::Tensor gates = cpu_input_projection(input, w_ih, b_ih, b_hh);
   at::Tensor w_hh_t = w_hh.t().contiguous();
   at::Tensor w_hr_t = d.proj ? w_hr->t().contiguous() : at::Tensor();
 
@@ -270,17 +432,22 @@ lstm_backward_cpu(const c10::optional<at::Tensor>& grad_output,
   at::Tensor gy = grad_or_zeros(grad_output, {d.N, d.P}, input);
   at::Tensor dh_state = grad_or_zeros(grad_h_n, {d.B, d.P}, input).clone(at::MemoryFormat::Contiguous);
   at::Tensor dc_state = grad_or_zeros(grad_c_n, {d.B, d.H}, input).clone(at::MemoryFormat::Contiguous);
-  at::Tensor dgates = at::empty({d.N, G}, opts);
-  at::Tensor dy = d.proj ? at::empty({d.N, d.P}, opts) : at::Tensor();
+  at::Tensor dgates = workspace_empty({d.N, G}, opts);
+  at::Tensor dy = d.proj ? workspace_empty({d.N, d.P}, opts) : at::Tensor();
   at::Tensor dhpre = d.proj ? at::empty({d.B, d.H}, opts) : at::Tensor();
   at::Tensor gates_c = gates.contiguous(), cells_c = cells.contiguous(), c0_c = c0.contiguous();
   at::Tensor w_hh_c = w_hh.contiguous();
   at::Tensor w_hr_c = d.proj ? w_hr->contiguous() : at::Tensor();
-  at::Tensor h_prev = at::empty({d.N, d.P}, opts);
+  at::Tensor h_prev = workspace_empty({d.N, d.P}, opts);
   at::Tensor out_c = output.contiguous(), h0_c = h0.contiguous();
 
+  // The batch split gives each thread all of W_hh to stream per step; once W_hh outgrows a share
+  // of one core's L2, one block whose per-step GEMM is threaded by the BLAS (each thread then reads
+  // its own part of W_hh) measured faster.
+  const bool big_w = w_hh.numel() * static_cast<int64_t>(w_hh.element_size()) > (int64_t{384} << 10);
+  const auto blocks = big_w ? std::vector<RowBlock>{{0, d.B}} : split_batch(s, kMinRowsPerBlock);
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "timerec_fast_lstm_backward", [&] {
-    for_blocks(split_batch(s, kMinRowsPerBlock), [&](RowBlock blk) {
+    for_blocks(blocks, [&](RowBlock blk) {
       lstm_backward_block<scalar_t>(
           s, blk, d.H, d.P, w_hh_c.data_ptr<scalar_t>(),
           d.proj ? w_hr_c.data_ptr<scalar_t>() : nullptr, gates_c.data_ptr<scalar_t>(),
@@ -302,10 +469,30 @@ lstm_backward_cpu(const c10::optional<at::Tensor>& grad_output,
   return {grad_input, dh_state, dc_state, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+lstm_forward_cpu(const at::Tensor& input, const at::Tensor& batch_sizes, const at::Tensor& h0,
+                 const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                 const c10::optional<at::Tensor>& b_ih, const c10::optional<at::Tensor>& b_hh,
+                 const c10::optional<at::Tensor>& w_hr, bool reverse) {
+  return lstm_forward_impl(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse,
+                           /*save=*/true);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor>
+lstm_inference_cpu(const at::Tensor& input, const at::Tensor& batch_sizes, const at::Tensor& h0,
+                   const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                   const c10::optional<at::Tensor>& b_ih, const c10::optional<at::Tensor>& b_hh,
+                   const c10::optional<at::Tensor>& w_hr, bool reverse) {
+  auto r = lstm_forward_impl(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse,
+                             /*save=*/false);
+  return {std::get<0>(r), std::get<1>(r), std::get<2>(r)};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(timerec_fast, CPU, m) {
   m.impl("lstm_forward", &lstm_forward_cpu);
+  m.impl("lstm_inference", &lstm_inference_cpu);
   m.impl("lstm_backward", &lstm_backward_cpu);
 }
 

@@ -10,6 +10,7 @@
 #include "../include/timerec/time_lstm_cell.h"
 #include "cpu_blas.h"
 #include "cpu_kernels.h"
+#include "workspace.h"
 
 namespace timerec::cpu {
 namespace {
@@ -404,8 +405,8 @@ time_lstm_forward_cpu(const at::Tensor& input, const at::Tensor& delta_t,
   const Schedule s = make_schedule(batch_sizes, d.N, d.B, reverse);
   at::Tensor gates = cpu_input_projection(input, w_ih, bias);
   auto opts = input.options();
-  at::Tensor cells = at::empty({d.N, d.H}, opts);
-  at::Tensor cts = variant == kTimeLstm1 ? at::empty({0}, opts) : at::empty({d.N, d.H}, opts);
+  at::Tensor cells = workspace_empty({d.N, d.H}, opts);
+  at::Tensor cts = variant == kTimeLstm1 ? at::empty({0}, opts) : workspace_empty({d.N, d.H}, opts);
   at::Tensor out = at::empty({d.N, d.H}, opts);
   at::Tensor h_state = h0.clone(at::MemoryFormat::Contiguous);
   at::Tensor c_state = c0.clone(at::MemoryFormat::Contiguous);
@@ -445,9 +446,9 @@ time_lstm_backward_cpu(const c10::optional<at::Tensor>& grad_output,
   at::Tensor gy = grad_or_zeros(grad_output, {d.N, H}, input);
   at::Tensor dh_state = grad_or_zeros(grad_h_n, {d.B, H}, input).clone(at::MemoryFormat::Contiguous);
   at::Tensor dc_state = grad_or_zeros(grad_c_n, {d.B, H}, input).clone(at::MemoryFormat::Contiguous);
-  at::Tensor dgates = at::empty({d.N, G}, opts);
+  at::Tensor dgates = workspace_empty({d.N, G}, opts);
   at::Tensor grad_dt = at::empty({d.N}, opts);
-  at::Tensor h_prev = at::empty({d.N, H}, opts);
+  at::Tensor h_prev = workspace_empty({d.N, H}, opts);
   at::Tensor gates_c = gates.contiguous(), cells_c = cells.contiguous();
   at::Tensor cts_c = variant == kTimeLstm1 ? cells_c : cts.contiguous();
   at::Tensor c0_c = c0.contiguous(), h0_c = h0.contiguous(), out_c = output.contiguous();
@@ -493,7 +494,7 @@ tlstm_forward_cpu(const at::Tensor& input, const at::Tensor& delta_t,
   const Schedule s = make_schedule(batch_sizes, d.N, d.B, reverse);
   at::Tensor gates = cpu_input_projection(input, w_ih, bias);
   auto opts = input.options();
-  at::Tensor cells = at::empty({d.N, d.H}, opts), cs = at::empty({d.N, d.H}, opts);
+  at::Tensor cells = workspace_empty({d.N, d.H}, opts), cs = workspace_empty({d.N, d.H}, opts);
   at::Tensor out = at::empty({d.N, d.H}, opts);
   at::Tensor h_state = h0.clone(at::MemoryFormat::Contiguous);
   at::Tensor c_state = c0.clone(at::MemoryFormat::Contiguous);
@@ -531,9 +532,9 @@ tlstm_backward_cpu(const c10::optional<at::Tensor>& grad_output,
   at::Tensor gy = grad_or_zeros(grad_output, {d.N, H}, input);
   at::Tensor dh_state = grad_or_zeros(grad_h_n, {d.B, H}, input).clone(at::MemoryFormat::Contiguous);
   at::Tensor dc_state = grad_or_zeros(grad_c_n, {d.B, H}, input).clone(at::MemoryFormat::Contiguous);
-  at::Tensor dgates = at::empty({d.N, 4 * H}, opts);
-  at::Tensor d_pre = at::empty({d.N, H}, opts), dstar_cs = at::empty({d.N, H}, opts);
-  at::Tensor h_prev = at::empty({d.N, H}, opts), c_prev = at::empty({d.N, H}, opts);
+  at::Tensor dgates = workspace_empty({d.N, 4 * H}, opts);
+  at::Tensor d_pre = workspace_empty({d.N, H}, opts), dstar_cs = workspace_empty({d.N, H}, opts);
+  at::Tensor h_prev = workspace_empty({d.N, H}, opts), c_prev = workspace_empty({d.N, H}, opts);
   at::Tensor gates_c = gates.contiguous(), cells_c = cells.contiguous(), cs_c = cs.contiguous();
   at::Tensor c0_c = c0.contiguous(), h0_c = h0.contiguous(), out_c = output.contiguous();
   at::Tensor w_hh_c = w_hh.contiguous(), w_d_c = w_d.contiguous(), dt = delta_t.contiguous();

@@ -54,6 +54,7 @@ void autocast_cuda_fp32_boxed(const c10::OperatorHandle& op, c10::DispatchKeySet
 
 TORCH_LIBRARY_IMPL(timerec_fast, AutocastCUDA, m) {
   m.impl("lstm_forward", torch::CppFunction::makeFromBoxedFunction<&autocast_cuda_boxed>());
+  m.impl("lstm_inference", torch::CppFunction::makeFromBoxedFunction<&autocast_cuda_boxed>());
   m.impl("gru_forward", torch::CppFunction::makeFromBoxedFunction<&autocast_cuda_boxed>());
   m.impl("time_lstm_forward",
          torch::CppFunction::makeFromBoxedFunction<&autocast_cuda_fp32_boxed>());

@@ -574,10 +574,21 @@ lstm_backward_cuda(const c10::optional<at::Tensor>& grad_output,
   return {grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr};
 }
 
+// The CUDA forward keeps its gates in one (N, 4H) buffer either way; inference drops them.
+std::tuple<at::Tensor, at::Tensor, at::Tensor>
+lstm_inference_cuda(const at::Tensor& input, const at::Tensor& batch_sizes, const at::Tensor& h0,
+                    const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                    const c10::optional<at::Tensor>& b_ih, const c10::optional<at::Tensor>& b_hh,
+                    const c10::optional<at::Tensor>& w_hr, bool reverse) {
+  auto r = lstm_forward_cuda(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse);
+  return {std::get<0>(r), std::get<1>(r), std::get<2>(r)};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(timerec_fast, CUDA, m) {
   m.impl("lstm_forward", &lstm_forward_cuda);
+  m.impl("lstm_inference", &lstm_inference_cuda);
   m.impl("lstm_backward", &lstm_backward_cuda);
 }
 
