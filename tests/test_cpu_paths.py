@@ -70,7 +70,7 @@ def test_batch_split_packed(threads, cls, ref_cls, batch):
 
 
 # ---- the fused panel kernels (csrc/cpu/gate_panels.h) -------------------------------------------
-# Each case steers the LSTM forward to one path: the input projection inside the per-step tiles
+# Each case steers the LSTM (and GRU) forward to one path: the input projection inside the per-step tiles
 # (>= 16 rows per step on average), split by batch rows or by hidden units (W_hh too big to share
 # a core's cache), or the separate input GEMM for a few rows. H is never a multiple of the 16-lane
 # chunk, so the partial last chunk is always exercised. TIMEREC_CPU_GEMM picks AVX-512 (the
@@ -79,6 +79,7 @@ FUSED_CASES = {
     "fused-input": dict(batch=40, hidden=24, lengths=(9, 20)),
     "unit-split": dict(batch=20, hidden=200, lengths=(3, 6)),
     "few-rows": dict(batch=3, hidden=40, lengths=(2, 9)),
+    "gru-fused-min": dict(batch=9, hidden=40, lengths=(2, 9)),
 }
 
 
@@ -86,26 +87,32 @@ FUSED_CASES = {
 @pytest.mark.parametrize("num_threads", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("case", FUSED_CASES)
-def test_lstm_fused_paths(monkeypatch, threads, gemm, num_threads, dtype, case):
+@pytest.mark.parametrize("cls,ref_cls", [(timerec_fast.LSTM, torch.nn.LSTM),
+                                         (timerec_fast.GRU, torch.nn.GRU)])
+def test_fused_paths(monkeypatch, threads, gemm, num_threads, dtype, case, cls, ref_cls):
     monkeypatch.setenv("TIMEREC_CPU_GEMM", gemm)
     threads(num_threads)
     c = FUSED_CASES[case]
-    ours, ref = _pair(timerec_fast.LSTM, torch.nn.LSTM, dtype, input_size=8,
-                      hidden_size=c["hidden"], bidirectional=True)
+    ours, ref = _pair(cls, ref_cls, dtype, input_size=8, hidden_size=c["hidden"],
+                      bidirectional=True)
     lo, hi = c["lengths"]
     g = torch.Generator().manual_seed(1)
     seqs = [torch.randn(int(n), 8, dtype=dtype, generator=g)
             for n in torch.randint(lo, hi + 1, (c["batch"],), generator=g)]
     x = pack_sequence(seqs, enforce_sorted=False)
     tol = TOL[dtype]
-    with torch.no_grad():  # the inference op: no gates kept
-        for a, b in zip(ours(x)[1] + (ours(x)[0].data,), ref(x)[1] + (ref(x)[0].data,)):
+
+    def flat(o):  # output data, h_n (and c_n)
+        return (o[0].data,) + (tuple(o[1]) if isinstance(o[1], tuple) else (o[1],))
+
+    with torch.no_grad():  # the LSTM's inference op: no gates kept
+        for a, b in zip(flat(ours(x)), flat(ref(x))):
             torch.testing.assert_close(a, b, **tol)
     x.data.requires_grad_(True)
-    outs = [m(x) for m in (ours, ref)]
-    for a, b in zip(outs[0][1] + (outs[0][0].data,), outs[1][1] + (outs[1][0].data,)):
+    outs = [flat(m(x)) for m in (ours, ref)]
+    for a, b in zip(*outs):
         torch.testing.assert_close(a, b, **tol)
-    grads = [torch.autograd.grad(o[0].data.square().sum() + o[1][1].sum(),
+    grads = [torch.autograd.grad(o[0].square().sum() + o[-1].sum(),
                                  [x.data] + list(m.parameters())) for o, m in zip(outs, (ours, ref))]
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, **tol)

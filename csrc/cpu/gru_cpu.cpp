@@ -6,6 +6,7 @@
 #include "../include/timerec/gru_cell.h"
 #include "cpu_blas.h"
 #include "cpu_kernels.h"
+#include "gate_panels.h"
 #include "workspace.h"
 
 namespace timerec::cpu {
@@ -123,6 +124,116 @@ void gru_backward_block(const Schedule& s, RowBlock blk, int64_t H, const T* w_h
   }
 }
 
+// ---- fused forward (gate_panels.h) ----------------------------------------------------------
+// Per tile: the hidden-side products h W_hh^T + b_hh of one unit chunk (into a per-thread scratch
+// row, since r multiplies only their n part), then the cell on those units. As in the LSTM, h_prev
+// comes from the previous step's output rows, so threads may split the hidden units.
+constexpr int64_t kScratchRows = 16;
+
+template <typename T>
+struct GruFusedArgs {
+  const Schedule* s;
+  const GatePanels* w;
+  const T* packed;
+  int64_t H;
+  const T* b_hh;  // may be null
+  T* gates;       // (N, 3H) input projection, overwritten with r, z, n
+  T* hn;          // (N, H)
+  T* out;
+  const T* h0;
+};
+
+template <typename T>
+struct GruFusedRows {
+  PrevRows<T> prev;
+  T* scratch;
+  int64_t G;
+  const T* b_hh;
+  TRF_ALWAYS_INLINE const T* x_row(int64_t) const { return nullptr; }
+  TRF_ALWAYS_INLINE const T* a(int64_t b) const { return prev.row(b); }
+  TRF_ALWAYS_INLINE const T* init(int64_t) const { return b_hh; }
+  TRF_ALWAYS_INLINE T* dst(int64_t b) const { return scratch + (b % kScratchRows) * G; }
+};
+
+template <typename T>
+struct GruFusedEpilogue {
+  const GruFusedRows<T>* rows;
+  int64_t H;
+  T *g, *hn, *out;  // rows of this step
+  TRF_ALWAYS_INLINE void operator()(int64_t b0, int64_t b1, int64_t j0, int64_t j1) const {
+    for (int64_t b = b0; b < b1; ++b) {
+      T* x = g + b * 3 * H;
+      const T* hg = rows->dst(b);
+      const T* hp = rows->prev.row(b);
+      T* hnb = hn + b * H;
+      T* ho = out + b * H;
+#pragma GCC ivdep
+      for (int64_t j = j0; j < j1; ++j) {
+        const T hnj = hg[2 * H + j];
+        ho[j] = gru_cell_forward(x[j], x[H + j], x[2 * H + j], hg[j], hg[H + j], hnj, hp[j]);
+        hnb[j] = hnj;
+      }
+    }
+  }
+};
+
+template <PanelIsa Isa, typename T>
+TRF_ALWAYS_INLINE void gru_fused_loop_impl(const GruFusedArgs<T>& A, int64_t b0, int64_t b1,
+                                           int64_t u0, int64_t u1, bool barrier) {
+  const Schedule& s = *A.s;
+  const int64_t H = A.H, G = 3 * H;
+  std::vector<T> scratch(kScratchRows * G);
+  for (int64_t k = 0; k < s.steps; ++k) {
+    const int64_t t = s.time_at(k);
+    const int64_t e = std::min(b1, s.batch_sizes[t]);
+    if (e > b0 && u1 > u0) {
+      const int64_t off = s.offsets[t];
+      const GruFusedRows<T> rows{prev_rows(s, k, static_cast<const T*>(A.out), A.h0, H),
+                                 scratch.data(), G, A.b_hh};
+      const GruFusedEpilogue<T> epi{&rows, H, A.gates + off * G, A.hn + off * H, A.out + off * H};
+      panel_step<Isa, T, 3>(b0, e, u0, u1, *A.w, A.packed, rows, H, H, epi);
+    }
+    if (barrier) {
+#pragma omp barrier
+    }
+  }
+}
+
+#if TRF_HAVE_PANELS
+#define TRF_DEFINE_GRU_FUSED(T)                                                                  \
+  TRF_TARGET_AVX512 void gru_fused_loop_avx512(const GruFusedArgs<T>& a, int64_t b0, int64_t b1, \
+                                               int64_t u0, int64_t u1, bool bar) {               \
+    gru_fused_loop_impl<PanelIsa::kAvx512, T>(a, b0, b1, u0, u1, bar);                           \
+  }                                                                                              \
+  TRF_TARGET_AVX2 void gru_fused_loop_avx2(const GruFusedArgs<T>& a, int64_t b0, int64_t b1,     \
+                                           int64_t u0, int64_t u1, bool bar) {                   \
+    gru_fused_loop_impl<PanelIsa::kAvx2, T>(a, b0, b1, u0, u1, bar);                             \
+  }
+TRF_DEFINE_GRU_FUSED(float)
+TRF_DEFINE_GRU_FUSED(double)
+#undef TRF_DEFINE_GRU_FUSED
+#endif
+
+template <typename T>
+void gru_forward_fused(PanelIsa isa, const Schedule& s, int64_t H, const at::Tensor& w_hh,
+                       const T* b_hh, T* gates, T* hn, T* out, T* h_state, const T* h0) {
+#if TRF_HAVE_PANELS
+  const GatePanels w = pack_gate_panels(w_hh, 3, H, panel_lanes(isa, sizeof(T)));
+  const GruFusedArgs<T> args{&s, &w, w.storage.data_ptr<T>(), H, b_hh, gates, hn, out, h0};
+  const PanelSplit split = choose_panel_split(s, w, sizeof(T), kMinRowsPerBlock);
+  run_panel_split(s, w, split, kMinRowsPerBlock,
+                  [&](int64_t b0, int64_t b1, int64_t u0, int64_t u1, bool barrier) {
+                    if (isa == PanelIsa::kAvx512)
+                      gru_fused_loop_avx512(args, b0, b1, u0, u1, barrier);
+                    else
+                      gru_fused_loop_avx2(args, b0, b1, u0, u1, barrier);
+                  });
+  final_state_from_rows(s, static_cast<const T*>(out), H, h_state);
+#else
+  TORCH_CHECK(false, "timerec_fast: fused CPU kernels are not compiled in");
+#endif
+}
+
 // The dtype is checked by each op (check_cpu_dtype) before the shapes.
 int64_t check_gru_args(const at::Tensor& input, const at::Tensor& h0, const at::Tensor& w_ih,
                        const at::Tensor& w_hh) {
@@ -144,9 +255,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_forward_cpu(
   at::Tensor hn = workspace_empty({N, H}, opts);
   at::Tensor out = at::empty({N, H}, opts);
   at::Tensor h_state = h0.clone(at::MemoryFormat::Contiguous);
+  at::Tensor b_hh_c = b_hh.has_value() ? b_hh->contiguous() : at::Tensor();
+  // A handful of rows per step: the small-GEMM loop measured faster (B=1: 0.30 vs 0.34 ms).
+  const PanelIsa isa = B > kSmallGemmRows ? panel_isa() : PanelIsa::kNone;
+  if (isa != PanelIsa::kNone && s.steps > 0) {
+    at::Tensor h0_c = h0.contiguous();
+    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "timerec_fast_gru_forward_fused", [&] {
+      gru_forward_fused<scalar_t>(isa, s, H, w_hh.contiguous(),
+                                  b_hh.has_value() ? b_hh_c.data_ptr<scalar_t>() : nullptr,
+                                  gates.data_ptr<scalar_t>(), hn.data_ptr<scalar_t>(),
+                                  out.data_ptr<scalar_t>(), h_state.data_ptr<scalar_t>(),
+                                  h0_c.data_ptr<scalar_t>());
+    });
+    return {out, h_state, gates, hn};
+  }
   at::Tensor hg = at::empty({B, 3 * H}, opts);
   at::Tensor w_hh_t = w_hh.t().contiguous();
-  at::Tensor b_hh_c = b_hh.has_value() ? b_hh->contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "timerec_fast_gru_forward", [&] {
     for_blocks(split_batch(s, kMinRowsPerBlock), [&](RowBlock blk) {
       gru_forward_block<scalar_t>(s, blk, H, w_hh_t.data_ptr<scalar_t>(),

@@ -441,13 +441,8 @@ lstm_backward_cpu(const c10::optional<at::Tensor>& grad_output,
   at::Tensor h_prev = workspace_empty({d.N, d.P}, opts);
   at::Tensor out_c = output.contiguous(), h0_c = h0.contiguous();
 
-  // The batch split gives each thread all of W_hh to stream per step; once W_hh outgrows a share
-  // of one core's L2, one block whose per-step GEMM is threaded by the BLAS (each thread then reads
-  // its own part of W_hh) measured faster.
-  const bool big_w = w_hh.numel() * static_cast<int64_t>(w_hh.element_size()) > (int64_t{384} << 10);
-  const auto blocks = big_w ? std::vector<RowBlock>{{0, d.B}} : split_batch(s, kMinRowsPerBlock);
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "timerec_fast_lstm_backward", [&] {
-    for_blocks(blocks, [&](RowBlock blk) {
+    for_blocks(split_batch(s, kMinRowsPerBlock), [&](RowBlock blk) {
       lstm_backward_block<scalar_t>(
           s, blk, d.H, d.P, w_hh_c.data_ptr<scalar_t>(),
           d.proj ? w_hr_c.data_ptr<scalar_t>() : nullptr, gates_c.data_ptr<scalar_t>(),
