@@ -1,6 +1,6 @@
 """Print (and optionally save as JSON) the CPU comparison against torch.nn with the GEMM floor.
 
-    python benchmarks/cpu_report.py [--threads 2] [--json benchmarks/results/cpu-<machine>.json]
+    python benchmarks/cpu_report.py [--threads 2] [--runs 3] [--json benchmarks/results/cpu-<machine>.json]
 
 speedup = torch.nn time / timerec_fast time, both measured in this process (median of repeats);
 floor = the cell's matmul FLOPs / this machine's measured large-GEMM rate, so ours/floor shows the
@@ -9,6 +9,7 @@ distance to the limit.
 import argparse
 import json
 import platform
+import statistics
 import subprocess
 
 import torch
@@ -23,17 +24,33 @@ def main():
     parser.add_argument("--json", help="write the rows and machine facts to this file")
     parser.add_argument("--cells", default=",".join(bench.PAIRS),
                         help=f"comma list of pairs to time, from {', '.join(bench.PAIRS)}")
+    parser.add_argument("--runs", type=int, default=1,
+                        help="repeat the whole table; each row then reports the run with the "
+                             "median speedup, and lists every run's speedup (this VM is noisy)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    rows, rate = [], bench.gemm_rate()
-    for cell in args.cells.split(","):
-        rows += bench.run_cell(cell.strip(), rate=rate)
+    runs, rates = [], []
+    for _ in range(max(1, args.runs)):
+        rate, rows = bench.gemm_rate(), []
+        for cell in args.cells.split(","):
+            rows += bench.run_cell(cell.strip(), rate=rate)
+        runs.append(rows)
+        rates.append(rate)
+    rows = []
+    for per_run in zip(*runs):
+        ordered = sorted(per_run, key=lambda r: r["speedup"])
+        row = dict(ordered[(len(ordered) - 1) // 2])  # the median run (lower median when even)
+        if len(per_run) > 1:
+            row["speedup_runs"] = [round(r["speedup"], 3) for r in per_run]
+        rows.append(row)
+    rate = statistics.median(rates)
     print(bench.format_table(rows, rate))
     if args.json:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                 text=True).stdout.strip()
         meta = dict(machine=platform.processor() or platform.machine(), threads=args.threads,
-                    torch=torch.__version__, commit=commit, gemm_gflops=rate / 1e9)
+                    torch=torch.__version__, commit=commit, gemm_gflops=rate / 1e9,
+                    runs=len(runs), gemm_gflops_runs=[round(r / 1e9, 1) for r in rates])
         with open(args.json, "w") as f:
             json.dump(dict(meta=meta, rows=rows), f, indent=1)
         print(f"wrote {args.json}")
