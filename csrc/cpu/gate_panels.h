@@ -105,7 +105,7 @@ struct PanelKernel {
   using V = typename VecType<T, IsaTraits<Isa>::bytes>::type;
   using U = typename VecUnaligned<T, IsaTraits<Isa>::bytes>::type;
   static TRF_ALWAYS_INLINE V load(const T* p) { return *reinterpret_cast<const U*>(p); }
-  static TRF_ALWAYS_INLINE void store(T* p, V v) { *reinterpret_cast<U*>(p) = v; }
+  static TRF_ALWAYS_INLINE void store(T* p, const V& v) { *reinterpret_cast<U*>(p) = v; }
 };
 
 inline int panel_lanes(PanelIsa isa, size_t elem_size) {
