@@ -80,6 +80,9 @@ FUSED_CASES = {
     "unit-split": dict(batch=20, hidden=200, lengths=(3, 6)),
     "few-rows": dict(batch=3, hidden=40, lengths=(2, 9)),
     "gru-fused-min": dict(batch=9, hidden=40, lengths=(2, 9)),
+    # A row or two per step but enough work per step to split by units over 2 threads (the GRU
+    # takes the panels below 9 rows only then).
+    "few-rows-units": dict(batch=2, hidden=120, lengths=(2, 9)),
 }
 
 

@@ -22,6 +22,7 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "cpu_blas.h"
 #include "cpu_kernels.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(TIMEREC_NO_CLONES)
@@ -101,7 +102,8 @@ template <> struct VecUnaligned<double, 32> {
 template <PanelIsa Isa, typename T, int G>
 struct PanelKernel {
   static constexpr int lanes = IsaTraits<Isa>::bytes / static_cast<int>(sizeof(T));
-  static constexpr int max_rows = (IsaTraits<Isa>::registers - G - 1) / G;
+  // Capped at 9 so a plain product (G = 1) keeps 9 accumulators, not 30 tiny-tile instantiations.
+  static constexpr int max_rows = std::min(9, (IsaTraits<Isa>::registers - G - 1) / G);
   using V = typename VecType<T, IsaTraits<Isa>::bytes>::type;
   using U = typename VecUnaligned<T, IsaTraits<Isa>::bytes>::type;
   static TRF_ALWAYS_INLINE V load(const T* p) { return *reinterpret_cast<const U*>(p); }
@@ -122,22 +124,69 @@ struct GatePanels {
   int64_t panel_size() const { return K * gates * lanes; }
 };
 
-inline GatePanels pack_gate_panels(const at::Tensor& w_hh, int64_t gates, int64_t H, int lanes,
-                                   const at::Tensor& w_ih = at::Tensor()) {
+// Copies rows [q*H, (q+1)*H) of a (gates*H, Kw) row-major W into panel rows [k_off, k_off+Kw).
+// A plain loop (one pass, writes in order): the ATen permute+contiguous it replaces cost
+// ~50-100 us per call at H = 128, most of a B = 1 forward.
+template <typename T>
+void pack_rows_into_panels(const T* w, int64_t Kw, int64_t k_off, const GatePanels& p, T* dst) {
+  const int64_t L = p.lanes, G = p.gates;
+  for (int64_t u = 0; u < p.chunks; ++u)
+    for (int64_t q = 0; q < G; ++q) {
+      const T* src[64];
+      const int64_t valid = std::min<int64_t>(L, p.H - u * L);
+      for (int64_t l = 0; l < valid; ++l) src[l] = w + (q * p.H + u * L + l) * Kw;
+      T* d = dst + (u * p.K + k_off) * G * L + q * L;
+      for (int64_t k = 0; k < Kw; ++k, d += G * L) {
+        for (int64_t l = 0; l < valid; ++l) d[l] = src[l][k];
+        for (int64_t l = valid; l < L; ++l) d[l] = T(0);
+      }
+    }
+}
+
+// The panels' geometry alone (no storage): what choose_panel_split needs to decide.
+inline GatePanels panel_geometry(int64_t K1, int64_t K2, int64_t H, int64_t gates, int lanes) {
   GatePanels p;
-  const at::Tensor w = w_ih.defined() ? at::cat({w_ih, w_hh}, 1) : w_hh;
-  p.K1 = w_ih.defined() ? w_ih.size(1) : 0;
-  p.K2 = w_hh.size(1);
-  p.K = w.size(1);
+  p.K1 = K1;
+  p.K2 = K2;
+  p.K = K1 + K2;
   p.H = H;
   p.gates = gates;
   p.lanes = lanes;
   p.chunks = (H + lanes - 1) / lanes;
+  return p;
+}
+
+inline GatePanels pack_gate_panels(const at::Tensor& w_hh, int64_t gates, int64_t H, int lanes,
+                                   const at::Tensor& w_ih = at::Tensor()) {
+  GatePanels p = panel_geometry(w_ih.defined() ? w_ih.size(1) : 0, w_hh.size(1), H, gates, lanes);
   // (chunks, K, gates, lanes) <- W viewed as (gates, H, K), H zero-padded to chunks * lanes.
-  at::Tensor wv = w.reshape({gates, H, p.K});
-  const int64_t pad = p.chunks * lanes - H;
-  if (pad > 0) wv = at::constant_pad_nd(wv, {0, 0, 0, pad});
-  p.storage = wv.reshape({gates, p.chunks, lanes, p.K}).permute({1, 3, 0, 2}).contiguous();
+  p.storage = at::empty({p.chunks, p.K, gates, lanes}, w_hh.options());
+  AT_DISPATCH_FLOATING_TYPES(w_hh.scalar_type(), "timerec_fast_pack_gate_panels", [&] {
+    scalar_t* dst = p.storage.data_ptr<scalar_t>();
+    if (w_ih.defined())
+      pack_rows_into_panels<scalar_t>(w_ih.contiguous().data_ptr<scalar_t>(), p.K1, 0, p, dst);
+    pack_rows_into_panels<scalar_t>(w_hh.contiguous().data_ptr<scalar_t>(), p.K2, p.K1, p, dst);
+  });
+  return p;
+}
+
+// One gate's panels from W given as (K, n) row-major (the layout BLAS uses for x @ W): panel u,
+// row k is W[k, uL .. uL+L-1], a contiguous copy.
+inline GatePanels pack_kn_panels(const at::Tensor& w_kn, int lanes) {
+  GatePanels p = panel_geometry(0, w_kn.size(0), w_kn.size(1), 1, lanes);
+  p.storage = at::empty({p.chunks, p.K, 1, lanes}, w_kn.options());
+  AT_DISPATCH_FLOATING_TYPES(w_kn.scalar_type(), "timerec_fast_pack_kn_panels", [&] {
+    const scalar_t* src = w_kn.data_ptr<scalar_t>();
+    scalar_t* dst = p.storage.data_ptr<scalar_t>();
+    for (int64_t u = 0; u < p.chunks; ++u) {
+      const int64_t valid = std::min<int64_t>(lanes, p.H - u * lanes);
+      for (int64_t k = 0; k < p.K; ++k) {
+        scalar_t* d = dst + (u * p.K + k) * lanes;
+        std::memcpy(d, src + k * p.H + u * lanes, valid * sizeof(scalar_t));
+        for (int64_t l = valid; l < lanes; ++l) d[l] = scalar_t(0);
+      }
+    }
+  });
   return p;
 }
 
@@ -275,8 +324,9 @@ inline PanelSplit choose_panel_split(const Schedule& s, const GatePanels& w, siz
   const int64_t w_bytes = w.K * w.gates * w.chunks * w.lanes * static_cast<int64_t>(elem_size);
   const int64_t work_per_step = s.rows / std::max<int64_t>(s.steps, 1) * w.K * w.gates * w.H;
   const bool enough_rows = s.batch / min_rows_per_block >= threads;
-  // Below ~64K multiply-adds per step the barrier (~1 us) costs more than the split saves.
-  const bool units_pay = w.chunks >= threads && work_per_step >= (int64_t{1} << 16);
+  // Below ~32K multiply-adds per step the barrier (~1 us) costs more than the split saves (GRU,
+  // B = 1, H = 128: 49K per step, 3.0 us single-threaded, 2.1 us split over 2 threads).
+  const bool units_pay = w.chunks >= threads && work_per_step >= (int64_t{1} << 15);
   if (units_pay && (!enough_rows || w_bytes > (int64_t{384} << 10))) {
     p.by_units = true;
     p.threads = threads;
@@ -336,6 +386,89 @@ void run_panel_split(const Schedule& s, const GatePanels& w, const PanelSplit& s
   }
   for_blocks(split_batch(s, min_rows_per_block),
              [&](RowBlock blk) { loop(blk.lo, blk.hi, int64_t{0}, w.chunks, false); });
+}
+
+// ---- plain per-step products on packed weights ------------------------------------------------
+// C[rows x n] (+)= A[rows x k] @ W for the per-step products that have no fused epilogue (the
+// backward's dh_{t-1} = dG_t W_hh, the time cells' forward): W^T packed once per call as panels
+// of one vector per chunk; a tile of up to 9 rows x 16 columns per K loop. Few rows fall back to
+// recurrent_gemm's small-GEMM kernel, which keeps more columns in flight per row.
+template <typename T>
+struct PanelRowsPlain {
+  const T* a_base;
+  int64_t lda;
+  T* c_base;
+  int64_t ldc;
+  bool accumulate;
+  TRF_ALWAYS_INLINE const T* x_row(int64_t) const { return nullptr; }
+  TRF_ALWAYS_INLINE const T* a(int64_t b) const { return a_base + b * lda; }
+  TRF_ALWAYS_INLINE const T* init(int64_t b) const {
+    return accumulate ? c_base + b * ldc : nullptr;
+  }
+  TRF_ALWAYS_INLINE T* dst(int64_t b) const { return c_base + b * ldc; }
+};
+
+struct NoEpilogue {
+  TRF_ALWAYS_INLINE void operator()(int64_t, int64_t, int64_t, int64_t) const {}
+};
+
+template <PanelIsa Isa, typename T>
+TRF_ALWAYS_INLINE void panel_gemm_impl(int64_t rows, const T* a, int64_t lda, const GatePanels& w,
+                                       const T* packed, T* c, int64_t ldc, bool accumulate) {
+  const PanelRowsPlain<T> r{a, lda, c, ldc, accumulate};
+  panel_step<Isa, T, 1>(0, rows, 0, w.chunks, w, packed, r, 0, 0, NoEpilogue{});
+}
+
+#if TRF_HAVE_PANELS
+#define TRF_DEFINE_PANEL_GEMM(T)                                                                 \
+  TRF_TARGET_AVX512 inline void panel_gemm_avx512(int64_t rows, const T* a, int64_t lda,        \
+                                                  const GatePanels& w, const T* packed, T* c,    \
+                                                  int64_t ldc, bool accumulate) {                \
+    panel_gemm_impl<PanelIsa::kAvx512, T>(rows, a, lda, w, packed, c, ldc, accumulate);          \
+  }                                                                                              \
+  TRF_TARGET_AVX2 inline void panel_gemm_avx2(int64_t rows, const T* a, int64_t lda,            \
+                                              const GatePanels& w, const T* packed, T* c,        \
+                                              int64_t ldc, bool accumulate) {                    \
+    panel_gemm_impl<PanelIsa::kAvx2, T>(rows, a, lda, w, packed, c, ldc, accumulate);            \
+  }
+TRF_DEFINE_PANEL_GEMM(float)
+TRF_DEFINE_PANEL_GEMM(double)
+#undef TRF_DEFINE_PANEL_GEMM
+#endif
+
+// A per-step weight: W (k x n, row-major) for BLAS and the small-GEMM kernel, plus, when the
+// panel kernel is on, W^T packed. Build once per call with RecurrentWeight::prepare.
+template <typename T>
+struct RecurrentWeight {
+  at::Tensor kn;  // k x n contiguous
+  GatePanels panels;
+  PanelIsa isa = PanelIsa::kNone;
+
+  static RecurrentWeight prepare(const at::Tensor& w_kn, PanelIsa isa) {
+    RecurrentWeight r;
+    r.kn = w_kn.contiguous();
+    r.isa = isa;
+    if (isa != PanelIsa::kNone)
+      r.panels = pack_kn_panels(r.kn, panel_lanes(isa, sizeof(T)));
+    return r;
+  }
+  const T* data() const { return kn.data_ptr<T>(); }
+};
+
+template <typename T>
+void recurrent_gemm(int64_t rows, int64_t k, int64_t n, const T* a, int64_t lda,
+                    const RecurrentWeight<T>& w, T* c, int64_t ldc, bool accumulate) {
+#if TRF_HAVE_PANELS
+  if (w.isa != PanelIsa::kNone && rows > kSmallGemmRows) {
+    const T* packed = w.panels.storage.template data_ptr<T>();
+    if (w.isa == PanelIsa::kAvx512)
+      panel_gemm_avx512(rows, a, lda, w.panels, packed, c, ldc, accumulate);
+    else
+      panel_gemm_avx2(rows, a, lda, w.panels, packed, c, ldc, accumulate);
+    return;
+  }
+#endif
+  recurrent_gemm<T>(rows, k, n, a, lda, w.data(), c, ldc, accumulate);
 }
 
 }  // namespace timerec::cpu

@@ -105,7 +105,7 @@ void gru_forward_block(const Schedule& s, RowBlock blk, int64_t H, const T* w_hh
 }
 
 template <typename T>
-void gru_backward_block(const Schedule& s, RowBlock blk, int64_t H, const T* w_hh,
+void gru_backward_block(const Schedule& s, RowBlock blk, int64_t H, const RecurrentWeight<T>& w_hh,
                         const T* gates, const T* hn, const T* out, const T* h0, const T* grad_out,
                         T* dh_state, T* dxg, T* dhg) {
   const int64_t G = 3 * H;
@@ -256,8 +256,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_forward_cpu(
   at::Tensor out = at::empty({N, H}, opts);
   at::Tensor h_state = h0.clone(at::MemoryFormat::Contiguous);
   at::Tensor b_hh_c = b_hh.has_value() ? b_hh->contiguous() : at::Tensor();
-  // A handful of rows per step: the small-GEMM loop measured faster (B=1: 0.30 vs 0.34 ms).
-  const PanelIsa isa = B > kSmallGemmRows ? panel_isa() : PanelIsa::kNone;
+  PanelIsa isa = panel_isa();
+  // A handful of rows per step: the small-GEMM loop is as fast single-threaded (B = 1: 3.0 vs
+  // 3.2 us a step at H = 128); the panels win there only when split over threads by units.
+  if (isa != PanelIsa::kNone && B <= kSmallGemmRows &&
+      !choose_panel_split(s, panel_geometry(0, H, H, 3, panel_lanes(isa, input.element_size())),
+                          input.element_size(), kMinRowsPerBlock)
+           .by_units)
+    isa = PanelIsa::kNone;
   if (isa != PanelIsa::kNone && s.steps > 0) {
     at::Tensor h0_c = h0.contiguous();
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "timerec_fast_gru_forward_fused", [&] {
@@ -270,7 +276,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_forward_cpu(
     return {out, h_state, gates, hn};
   }
   at::Tensor hg = at::empty({B, 3 * H}, opts);
-  at::Tensor w_hh_t = w_hh.t().contiguous();
+  at::Tensor w_hh_t = transposed(w_hh);
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "timerec_fast_gru_forward", [&] {
     for_blocks(split_batch(s, kMinRowsPerBlock), [&](RowBlock blk) {
       gru_forward_block<scalar_t>(s, blk, H, w_hh_t.data_ptr<scalar_t>(),
@@ -305,8 +311,9 @@ gru_backward_cpu(const c10::optional<at::Tensor>& grad_output,
   at::Tensor gates_c = gates.contiguous(), hn_c = hn.contiguous(), out_c = output.contiguous();
   at::Tensor h0_c = h0.contiguous(), w_hh_c = w_hh.contiguous();
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "timerec_fast_gru_backward", [&] {
+    const auto w_hh_r = RecurrentWeight<scalar_t>::prepare(w_hh_c, panel_isa());
     for_blocks(split_batch(s, kMinRowsPerBlock), [&](RowBlock blk) {
-      gru_backward_block<scalar_t>(s, blk, H, w_hh_c.data_ptr<scalar_t>(),
+      gru_backward_block<scalar_t>(s, blk, H, w_hh_r,
                                    gates_c.data_ptr<scalar_t>(), hn_c.data_ptr<scalar_t>(),
                                    out_c.data_ptr<scalar_t>(), h0_c.data_ptr<scalar_t>(),
                                    gy.data_ptr<scalar_t>(), dh_state.data_ptr<scalar_t>(),

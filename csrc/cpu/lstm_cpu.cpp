@@ -156,8 +156,9 @@ bool use_unit_split(const Schedule& s, int64_t H, bool proj, int threads) {
 }
 
 template <typename T>
-void lstm_backward_block(const Schedule& s, RowBlock blk, int64_t H, int64_t P, const T* w_hh,
-                         const T* w_hr, const T* gates, const T* cells, const T* c0,
+void lstm_backward_block(const Schedule& s, RowBlock blk, int64_t H, int64_t P,
+                         const RecurrentWeight<T>& w_hh, const T* w_hr, const T* gates,
+                         const T* cells, const T* c0,
                          const T* grad_out, T* dh_state, T* dc_state, T* dgates, T* dy, T* dhpre) {
   const int64_t G = 4 * H;
   for (int64_t k = s.steps - 1; k >= 0; --k) {
@@ -382,8 +383,8 @@ lstm_forward_impl(const at::Tensor& input, const at::Tensor& batch_sizes, const 
 
   // Input projection for every step at once, biases folded in.
   at::Tensor gates = cpu_input_projection(input, w_ih, b_ih, b_hh);
-  at::Tensor w_hh_t = w_hh.t().contiguous();
-  at::Tensor w_hr_t = d.proj ? w_hr->t().contiguous() : at::Tensor();
+  at::Tensor w_hh_t = transposed(w_hh);
+  at::Tensor w_hr_t = d.proj ? transposed(*w_hr) : at::Tensor();
 
   const int threads = at::get_num_threads();
   if (use_unit_split(s, d.H, d.proj, threads)) {
@@ -442,9 +443,11 @@ lstm_backward_cpu(const c10::optional<at::Tensor>& grad_output,
   at::Tensor out_c = output.contiguous(), h0_c = h0.contiguous();
 
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "timerec_fast_lstm_backward", [&] {
+    // dh_{t-1} = dG_t W_hh on W_hh packed once (gate_panels.h), not re-read by BLAS every step.
+    const auto w_hh_r = RecurrentWeight<scalar_t>::prepare(w_hh_c, panel_isa());
     for_blocks(split_batch(s, kMinRowsPerBlock), [&](RowBlock blk) {
       lstm_backward_block<scalar_t>(
-          s, blk, d.H, d.P, w_hh_c.data_ptr<scalar_t>(),
+          s, blk, d.H, d.P, w_hh_r,
           d.proj ? w_hr_c.data_ptr<scalar_t>() : nullptr, gates_c.data_ptr<scalar_t>(),
           cells_c.data_ptr<scalar_t>(), c0_c.data_ptr<scalar_t>(), gy.data_ptr<scalar_t>(),
           dh_state.data_ptr<scalar_t>(), dc_state.data_ptr<scalar_t>(),

@@ -10,6 +10,7 @@
 #include "../include/timerec/time_lstm_cell.h"
 #include "cpu_blas.h"
 #include "cpu_kernels.h"
+#include "gate_panels.h"
 #include "workspace.h"
 
 namespace timerec::cpu {
@@ -292,7 +293,8 @@ TRF_DEFINE_TIME_ROWS(double)
 
 template <typename T>
 void time_lstm_forward_block(int variant, TimeLstmLayout L, const Schedule& s, RowBlock blk,
-                             int64_t H, const T* w_hh_t, const T* dt, const T* peep,
+                             int64_t H, const RecurrentWeight<T>& w_hh_t, const T* dt,
+                             const T* peep,
                              const T* time_w, T* gates, T* cells, T* cts, T* out, T* h_state,
                              T* c_state) {
   const int64_t G = L.gates * H, Gh = L.h_gates * H;
@@ -315,7 +317,8 @@ void time_lstm_forward_block(int variant, TimeLstmLayout L, const Schedule& s, R
 // The row loop stays on this block's thread (no for_rows): it accumulates into acc.
 template <typename T>
 void time_lstm_backward_block(int variant, TimeLstmLayout L, const Schedule& s, RowBlock blk,
-                              int64_t H, const T* w_hh, const T* peep, const T* time_w,
+                              int64_t H, const RecurrentWeight<T>& w_hh, const T* peep,
+                              const T* time_w,
                               const T* gates, const T* cells, const T* cts, const T* c0,
                               const T* grad_out, const T* dt, T* dh_state, T* dc_state, T* dgates,
                               T* grad_dt, TimeLstmGradAcc<T> acc) {
@@ -336,8 +339,9 @@ void time_lstm_backward_block(int variant, TimeLstmLayout L, const Schedule& s, 
 }
 
 template <typename T>
-void tlstm_forward_block(const Schedule& s, RowBlock blk, int64_t H, const T* w_hh_t,
-                         const T* w_d_t, const T* b_d, const T* dt, T* gates, T* cells, T* cs,
+void tlstm_forward_block(const Schedule& s, RowBlock blk, int64_t H,
+                         const RecurrentWeight<T>& w_hh_t, const RecurrentWeight<T>& w_d_t,
+                         const T* b_d, const T* dt, T* gates, T* cells, T* cs,
                          T* out, T* h_state, T* c_state) {
   const int64_t G = 4 * H;
   T* hs = h_state + blk.lo * H;
@@ -358,8 +362,9 @@ void tlstm_forward_block(const Schedule& s, RowBlock blk, int64_t H, const T* w_
 }
 
 template <typename T>
-void tlstm_backward_block(const Schedule& s, RowBlock blk, int64_t H, const T* w_hh,
-                          const T* w_d, const T* gates, const T* cells, const T* cs, const T* c0,
+void tlstm_backward_block(const Schedule& s, RowBlock blk, int64_t H,
+                          const RecurrentWeight<T>& w_hh, const RecurrentWeight<T>& w_d,
+                          const T* gates, const T* cells, const T* cs, const T* c0,
                           const T* dt, const T* grad_out, T* dh_state, T* dc_state, T* dgates,
                           T* d_pre, T* dstar_cs) {
   const int64_t G = 4 * H;
@@ -410,12 +415,13 @@ time_lstm_forward_cpu(const at::Tensor& input, const at::Tensor& delta_t,
   at::Tensor out = at::empty({d.N, d.H}, opts);
   at::Tensor h_state = h0.clone(at::MemoryFormat::Contiguous);
   at::Tensor c_state = c0.clone(at::MemoryFormat::Contiguous);
-  at::Tensor w_hh_t = w_hh.t().contiguous(), dt = delta_t.contiguous();
+  at::Tensor w_hh_t = transposed(w_hh), dt = delta_t.contiguous();
   at::Tensor peep_c = peep.contiguous(), time_w_c = time_w.contiguous();
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "timerec_fast_time_lstm_forward", [&] {
+    const auto w_hh_r = RecurrentWeight<scalar_t>::prepare(w_hh_t, panel_isa());
     for_blocks(split_batch(s, kMinRowsPerBlock), [&](RowBlock blk) {
       time_lstm_forward_block<scalar_t>(
-          static_cast<int>(variant), L, s, blk, d.H, w_hh_t.data_ptr<scalar_t>(),
+          static_cast<int>(variant), L, s, blk, d.H, w_hh_r,
           dt.data_ptr<scalar_t>(), peep_c.data_ptr<scalar_t>(), time_w_c.data_ptr<scalar_t>(),
           gates.data_ptr<scalar_t>(), cells.data_ptr<scalar_t>(),
           variant == kTimeLstm1 ? nullptr : cts.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
@@ -458,10 +464,11 @@ time_lstm_backward_cpu(const c10::optional<at::Tensor>& grad_output,
   const int64_t nb = static_cast<int64_t>(blocks.size());
   at::Tensor sums = at::zeros({nb, 6, H}, opts), scratch = at::empty({nb, H}, opts);
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "timerec_fast_time_lstm_backward", [&] {
+    const auto w_hh_r = RecurrentWeight<scalar_t>::prepare(w_hh_c, panel_isa());
     for_blocks(blocks, [&](const RowBlock& blk) {
       const int64_t i = &blk - blocks.data();  // for_blocks passes the vector's own elements
       time_lstm_backward_block<scalar_t>(
-          static_cast<int>(variant), L, s, blk, H, w_hh_c.data_ptr<scalar_t>(),
+          static_cast<int>(variant), L, s, blk, H, w_hh_r,
           peep_c.data_ptr<scalar_t>(), time_w_c.data_ptr<scalar_t>(),
           gates_c.data_ptr<scalar_t>(), cells_c.data_ptr<scalar_t>(),
           variant == kTimeLstm1 ? nullptr : cts_c.data_ptr<scalar_t>(), c0_c.data_ptr<scalar_t>(),
@@ -498,13 +505,15 @@ tlstm_forward_cpu(const at::Tensor& input, const at::Tensor& delta_t,
   at::Tensor out = at::empty({d.N, d.H}, opts);
   at::Tensor h_state = h0.clone(at::MemoryFormat::Contiguous);
   at::Tensor c_state = c0.clone(at::MemoryFormat::Contiguous);
-  at::Tensor w_hh_t = w_hh.t().contiguous(), w_d_t = w_d.t().contiguous();
+  at::Tensor w_hh_t = transposed(w_hh), w_d_t = transposed(w_d);
   at::Tensor dt = delta_t.contiguous();
   at::Tensor b_d_c = b_d.has_value() ? b_d->contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "timerec_fast_tlstm_forward", [&] {
+    const auto w_hh_r = RecurrentWeight<scalar_t>::prepare(w_hh_t, panel_isa());
+    const auto w_d_r = RecurrentWeight<scalar_t>::prepare(w_d_t, panel_isa());
     for_blocks(split_batch(s, kMinRowsPerBlock), [&](RowBlock blk) {
       tlstm_forward_block<scalar_t>(
-          s, blk, d.H, w_hh_t.data_ptr<scalar_t>(), w_d_t.data_ptr<scalar_t>(),
+          s, blk, d.H, w_hh_r, w_d_r,
           b_d.has_value() ? b_d_c.data_ptr<scalar_t>() : nullptr, dt.data_ptr<scalar_t>(),
           gates.data_ptr<scalar_t>(), cells.data_ptr<scalar_t>(), cs.data_ptr<scalar_t>(),
           out.data_ptr<scalar_t>(), h_state.data_ptr<scalar_t>(), c_state.data_ptr<scalar_t>());
@@ -539,9 +548,11 @@ tlstm_backward_cpu(const c10::optional<at::Tensor>& grad_output,
   at::Tensor c0_c = c0.contiguous(), h0_c = h0.contiguous(), out_c = output.contiguous();
   at::Tensor w_hh_c = w_hh.contiguous(), w_d_c = w_d.contiguous(), dt = delta_t.contiguous();
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "timerec_fast_tlstm_backward", [&] {
+    const auto w_hh_r = RecurrentWeight<scalar_t>::prepare(w_hh_c, panel_isa());
+    const auto w_d_r = RecurrentWeight<scalar_t>::prepare(w_d_c, panel_isa());
     for_blocks(split_batch(s, kMinRowsPerBlock), [&](RowBlock blk) {
       tlstm_backward_block<scalar_t>(
-          s, blk, H, w_hh_c.data_ptr<scalar_t>(), w_d_c.data_ptr<scalar_t>(),
+          s, blk, H, w_hh_r, w_d_r,
           gates_c.data_ptr<scalar_t>(), cells_c.data_ptr<scalar_t>(), cs_c.data_ptr<scalar_t>(),
           c0_c.data_ptr<scalar_t>(), dt.data_ptr<scalar_t>(), gy.data_ptr<scalar_t>(),
           dh_state.data_ptr<scalar_t>(), dc_state.data_ptr<scalar_t>(),
