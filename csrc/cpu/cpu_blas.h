@@ -71,6 +71,53 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, 
   gemm_fallback(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 
+// ---- input projection ------------------------------------------------------------------------
+// gates = input @ W_ih^T + b_a + b_b for every step at once. Large products go to oneDNN's linear
+// (what torch.nn.LSTM uses, the fastest large fp32 GEMM here); up to kDirectProjectionMacs
+// multiply-adds, one direct BLAS call on bias-initialised rows instead, because oneDNN builds its
+// primitive on every call (~10 us of descriptors and mallocs, a fifth of a B = 1 forward op).
+constexpr int64_t kDirectProjectionMacs = int64_t{1} << 22;
+
+inline at::Tensor cpu_input_projection(const at::Tensor& input, const at::Tensor& w_ih,
+                                       const c10::optional<at::Tensor>& b_a,
+                                       const c10::optional<at::Tensor>& b_b = c10::nullopt) {
+  const bool has_a = b_a.has_value() && b_a->defined();
+  const bool has_b = b_b.has_value() && b_b->defined();
+  if (input.size(0) * w_ih.size(0) * w_ih.size(1) <= kDirectProjectionMacs) {
+    const at::Tensor x = input.contiguous(), w = w_ih.contiguous();
+    const at::Tensor ba = has_a ? b_a->contiguous() : at::Tensor();
+    const at::Tensor bb = has_b ? b_b->contiguous() : at::Tensor();
+    const int64_t N = x.size(0), G = w.size(0), I = w.size(1);
+    at::Tensor out = at::empty({N, G}, x.options());
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "timerec_fast_input_projection", [&] {
+      scalar_t* o = out.data_ptr<scalar_t>();
+      const scalar_t* pa = has_a ? ba.data_ptr<scalar_t>() : nullptr;
+      const scalar_t* pb = has_b ? bb.data_ptr<scalar_t>() : nullptr;
+      if (has_a || has_b)
+        for (int64_t r = 0; r < N; ++r)
+          for (int64_t j = 0; j < G; ++j)
+            o[r * G + j] =
+                (pa != nullptr ? pa[j] : scalar_t(0)) + (pb != nullptr ? pb[j] : scalar_t(0));
+      gemm<scalar_t>(false, true, N, G, I, scalar_t(1), x.data_ptr<scalar_t>(), I,
+                     w.data_ptr<scalar_t>(), I, (has_a || has_b) ? scalar_t(1) : scalar_t(0), o, G);
+    });
+    return out;
+  }
+  static const c10::optional<c10::OperatorHandle> onednn_linear =
+      c10::Dispatcher::singleton().findOp({"mkldnn::_linear_pointwise", ""});
+  if (!onednn_linear.has_value() || input.scalar_type() != at::kFloat ||
+      !onednn_linear->hasKernelForDispatchKey(c10::DispatchKey::CPU)) {
+    return input_projection(input, w_ih, b_a, b_b);
+  }
+  c10::optional<at::Tensor> bias;
+  if (has_a || has_b) bias = has_a && has_b ? *b_a + *b_b : (has_a ? *b_a : *b_b);
+  torch::jit::Stack stack{input.contiguous(), w_ih.contiguous(), bias, std::string("none"),
+                          c10::List<c10::optional<at::Scalar>>(),
+                          c10::optional<std::string>(std::string(""))};
+  onednn_linear->callBoxed(stack);
+  return stack[0].toTensor().contiguous();
+}
+
 // ---- small-batch product ----------------------------------------------------------------------
 // C[rows x n] (= or +=) A[rows x k] @ W[k x n], W row-major with leading dimension ldw. For a handful of rows a BLAS call
 // costs more in fixed overhead than in arithmetic; this streams W once per group of rows, keeping

@@ -143,26 +143,6 @@ inline at::Tensor transposed(const at::Tensor& w) {
   return dst;
 }
 
-inline at::Tensor cpu_input_projection(const at::Tensor& input, const at::Tensor& w_ih,
-                                       const c10::optional<at::Tensor>& b_a,
-                                       const c10::optional<at::Tensor>& b_b = c10::nullopt) {
-  static const c10::optional<c10::OperatorHandle> onednn_linear =
-      c10::Dispatcher::singleton().findOp({"mkldnn::_linear_pointwise", ""});
-  if (!onednn_linear.has_value() || input.scalar_type() != at::kFloat || input.size(0) == 0 ||
-      !onednn_linear->hasKernelForDispatchKey(c10::DispatchKey::CPU)) {
-    return input_projection(input, w_ih, b_a, b_b);
-  }
-  const bool has_a = b_a.has_value() && b_a->defined();
-  const bool has_b = b_b.has_value() && b_b->defined();
-  c10::optional<at::Tensor> bias;
-  if (has_a || has_b) bias = has_a && has_b ? *b_a + *b_b : (has_a ? *b_a : *b_b);
-  torch::jit::Stack stack{input.contiguous(), w_ih.contiguous(), bias, std::string("none"),
-                          c10::List<c10::optional<at::Scalar>>(),
-                          c10::optional<std::string>(std::string(""))};
-  onednn_linear->callBoxed(stack);
-  return stack[0].toTensor().contiguous();
-}
-
 inline void check_cpu_dtype(const at::Tensor& input, const char* op) {
   TORCH_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble,
               "timerec_fast.", op, " on the CPU supports float32 and float64, got ",
