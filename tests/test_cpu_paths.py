@@ -90,6 +90,9 @@ FUSED_CASES = {
     # A row or two per step but enough work per step to split by units over 2 threads (the GRU
     # takes the panels below 9 rows only then).
     "few-rows-units": dict(batch=2, hidden=120, lengths=(2, 9)),
+    # Split by batch rows with panels of 256-384 KB (the LSTM's in fp32): every thread packs a
+    # share of the chunks before the loop.
+    "batch-split-shared-pack": dict(batch=40, hidden=140, lengths=(3, 6)),
 }
 
 

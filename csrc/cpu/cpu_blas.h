@@ -93,11 +93,11 @@ inline at::Tensor cpu_input_projection(const at::Tensor& input, const at::Tensor
       scalar_t* o = out.data_ptr<scalar_t>();
       const scalar_t* pa = has_a ? ba.data_ptr<scalar_t>() : nullptr;
       const scalar_t* pb = has_b ? bb.data_ptr<scalar_t>() : nullptr;
-      if (has_a || has_b)
-        for (int64_t r = 0; r < N; ++r)
-          for (int64_t j = 0; j < G; ++j)
-            o[r * G + j] =
-                (pa != nullptr ? pa[j] : scalar_t(0)) + (pb != nullptr ? pb[j] : scalar_t(0));
+      if (has_a || has_b) {  // every row starts as b_a + b_b; the GEMM accumulates onto it
+        for (int64_t j = 0; j < G; ++j)
+          o[j] = (pa != nullptr ? pa[j] : scalar_t(0)) + (pb != nullptr ? pb[j] : scalar_t(0));
+        for (int64_t r = 1; r < N; ++r) std::memcpy(o + r * G, o, G * sizeof(scalar_t));
+      }
       gemm<scalar_t>(false, true, N, G, I, scalar_t(1), x.data_ptr<scalar_t>(), I,
                      w.data_ptr<scalar_t>(), I, (has_a || has_b) ? scalar_t(1) : scalar_t(0), o, G);
     });

@@ -19,8 +19,11 @@
 
 #include <omp.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
+#include <thread>
 
 #include "cpu_blas.h"
 #include "cpu_kernels.h"
@@ -127,20 +130,104 @@ struct GatePanels {
 // Copies rows [q*H, (q+1)*H) of a (gates*H, Kw) row-major W into panel rows [k_off, k_off+Kw).
 // A plain loop (one pass, writes in order): the ATen permute+contiguous it replaces cost
 // ~50-100 us per call at H = 128, most of a B = 1 forward.
+// Columns [k0, Kw) of one (unit chunk, gate) block: `valid` source rows, zeros past them.
 template <typename T>
-void pack_rows_into_panels(const T* w, int64_t Kw, int64_t k_off, const GatePanels& p, T* dst) {
+TRF_ALWAYS_INLINE void pack_block_scalar(const T* const* src, int64_t valid, int64_t L,
+                                         int64_t k0, int64_t Kw, int64_t ld, T* d) {
+  for (int64_t k = k0; k < Kw; ++k, d += ld) {
+    for (int64_t l = 0; l < valid; ++l) d[l] = src[l][k];
+    for (int64_t l = valid; l < L; ++l) d[l] = T(0);
+  }
+}
+
+template <typename T>
+void pack_rows_into_panels_scalar(const T* w, int64_t Kw, int64_t k_off, const GatePanels& p,
+                                  int64_t u0, int64_t u1, T* dst) {
   const int64_t L = p.lanes, G = p.gates;
-  for (int64_t u = 0; u < p.chunks; ++u)
+  for (int64_t u = u0; u < u1; ++u)
     for (int64_t q = 0; q < G; ++q) {
       const T* src[64];
       const int64_t valid = std::min<int64_t>(L, p.H - u * L);
       for (int64_t l = 0; l < valid; ++l) src[l] = w + (q * p.H + u * L + l) * Kw;
-      T* d = dst + (u * p.K + k_off) * G * L + q * L;
-      for (int64_t k = 0; k < Kw; ++k, d += G * L) {
-        for (int64_t l = 0; l < valid; ++l) d[l] = src[l][k];
-        for (int64_t l = valid; l < L; ++l) d[l] = T(0);
-      }
+      pack_block_scalar(src, valid, L, 0, Kw, G * L, dst + (u * p.K + k_off) * G * L + q * L);
     }
+}
+
+#if TRF_HAVE_PANELS
+// In-register transpose of an L x L block (L = 16 floats or 8 doubles in zmm registers): stage s
+// swaps bit s between row and column index (the off-diagonal s x s sub-blocks of every 2s x 2s
+// block), one two-source permute per row. The scalar copy it replaces moved one element per
+// cycle: ~15 us per call for a 192 KB W_hh, most of the fixed cost of a B = 1 forward.
+template <typename T, int L, int S, typename V, typename M>
+TRF_ALWAYS_INLINE void transpose_stage(V* r) {
+  M lo, hi;
+  for (int j = 0; j < L; ++j) {
+    lo[j] = (j & S) == 0 ? j : L + j - S;
+    hi[j] = (j & S) == 0 ? j + S : L + j;
+  }
+  for (int i = 0; i < L; ++i) {
+    if (i & S) continue;
+    const V a = r[i], b = r[i + S];
+    r[i] = __builtin_shuffle(a, b, lo);
+    r[i + S] = __builtin_shuffle(a, b, hi);
+  }
+}
+
+template <typename T, typename I>
+TRF_ALWAYS_INLINE void pack_rows_into_panels_zmm(const T* w, int64_t Kw, int64_t k_off,
+                                                 const GatePanels& p, int64_t u0, int64_t u1,
+                                                 T* dst) {
+  constexpr int L = 64 / sizeof(T);
+  typedef T V __attribute__((vector_size(64)));
+  typedef T U __attribute__((vector_size(64), aligned(sizeof(T)), may_alias));
+  typedef I M __attribute__((vector_size(64)));
+  const int64_t G = p.gates, ld = G * L;
+  for (int64_t u = u0; u < u1; ++u)
+    for (int64_t q = 0; q < G; ++q) {
+      const T* src[L];
+      const int64_t valid = std::min<int64_t>(L, p.H - u * L);
+      for (int64_t l = 0; l < valid; ++l) src[l] = w + (q * p.H + u * L + l) * Kw;
+      T* d = dst + (u * p.K + k_off) * ld + q * L;
+      int64_t k0 = 0;
+      if (valid == L) {
+        for (; k0 + L <= Kw; k0 += L) {
+          V r[L];
+          for (int l = 0; l < L; ++l) r[l] = *reinterpret_cast<const U*>(src[l] + k0);
+          transpose_stage<T, L, 1, V, M>(r);
+          transpose_stage<T, L, 2, V, M>(r);
+          transpose_stage<T, L, 4, V, M>(r);
+          if constexpr (L == 16) transpose_stage<T, L, 8, V, M>(r);
+          for (int l = 0; l < L; ++l) *reinterpret_cast<U*>(d + (k0 + l) * ld) = r[l];
+        }
+      }
+      pack_block_scalar(src, valid, L, k0, Kw, ld, d + k0 * ld);
+    }
+}
+
+TRF_TARGET_AVX512 inline void pack_rows_into_panels_avx512(const float* w, int64_t Kw,
+                                                           int64_t k_off, const GatePanels& p,
+                                                           int64_t u0, int64_t u1, float* dst) {
+  pack_rows_into_panels_zmm<float, int32_t>(w, Kw, k_off, p, u0, u1, dst);
+}
+TRF_TARGET_AVX512 inline void pack_rows_into_panels_avx512(const double* w, int64_t Kw,
+                                                           int64_t k_off, const GatePanels& p,
+                                                           int64_t u0, int64_t u1, double* dst) {
+  pack_rows_into_panels_zmm<double, int64_t>(w, Kw, k_off, p, u0, u1, dst);
+}
+#endif
+
+// Unit chunks [u0, u1) only: a unit-split thread packs the chunks it will read, into its own cache.
+template <typename T>
+void pack_rows_into_panels(const T* w, int64_t Kw, int64_t k_off, const GatePanels& p, int64_t u0,
+                           int64_t u1, T* dst) {
+#if TRF_HAVE_PANELS
+  if (p.lanes * static_cast<int64_t>(sizeof(T)) == 64 &&
+      detected_panel_isa() == PanelIsa::kAvx512) {
+    pack_rows_into_panels_avx512(w, Kw, k_off, p, u0, u1, dst);
+    return;
+  }
+#endif
+  pack_rows_into_panels_scalar(w, Kw, k_off, p, u0, u1, dst);
 }
 
 // The panels' geometry alone (no storage): what choose_panel_split needs to decide.
@@ -156,18 +243,24 @@ inline GatePanels panel_geometry(int64_t K1, int64_t K2, int64_t H, int64_t gate
   return p;
 }
 
-inline GatePanels pack_gate_panels(const at::Tensor& w_hh, int64_t gates, int64_t H, int lanes,
-                                   const at::Tensor& w_ih = at::Tensor()) {
+// Panels for W_hh (and W_ih) with storage allocated but not yet filled: run_panel_split has each
+// thread fill the chunks it reads (pack_gate_chunks), so a unit-split thread's share lands in its
+// own L2 instead of being written by one thread and fetched by the other (at B = 1 the packed
+// copy made by one thread measured ~20 us of a 180 us GRU forward).
+inline GatePanels gate_panels_for(const at::Tensor& w_hh, int64_t gates, int64_t H, int lanes,
+                                  const at::Tensor& w_ih = at::Tensor()) {
+  TORCH_INTERNAL_ASSERT(w_hh.is_contiguous() && (!w_ih.defined() || w_ih.is_contiguous()));
   GatePanels p = panel_geometry(w_ih.defined() ? w_ih.size(1) : 0, w_hh.size(1), H, gates, lanes);
   // (chunks, K, gates, lanes) <- W viewed as (gates, H, K), H zero-padded to chunks * lanes.
   p.storage = at::empty({p.chunks, p.K, gates, lanes}, w_hh.options());
-  AT_DISPATCH_FLOATING_TYPES(w_hh.scalar_type(), "timerec_fast_pack_gate_panels", [&] {
-    scalar_t* dst = p.storage.data_ptr<scalar_t>();
-    if (w_ih.defined())
-      pack_rows_into_panels<scalar_t>(w_ih.contiguous().data_ptr<scalar_t>(), p.K1, 0, p, dst);
-    pack_rows_into_panels<scalar_t>(w_hh.contiguous().data_ptr<scalar_t>(), p.K2, p.K1, p, dst);
-  });
   return p;
+}
+
+template <typename T>
+void pack_gate_chunks(const GatePanels& p, const T* w_hh, const T* w_ih, int64_t u0, int64_t u1) {
+  T* dst = p.storage.data_ptr<T>();
+  if (w_ih != nullptr) pack_rows_into_panels<T>(w_ih, p.K1, 0, p, u0, u1, dst);
+  pack_rows_into_panels<T>(w_hh, p.K2, p.K1, p, u0, u1, dst);
 }
 
 // One gate's panels from W given as (K, n) row-major (the layout BLAS uses for x @ W): panel u,
@@ -370,22 +463,68 @@ void final_state_from_rows(const Schedule& s, const T* rows, int64_t width, T* s
   }
 }
 
+// The once-per-step barrier of a unit split. libgomp's `omp barrier` measured ~0.25 us per call
+// with 2 threads here (12.5 us per 50 steps, against 2 us for this one): a sense-reversing
+// counter. Waiters spin on the generation with `pause`, then yield, so an oversubscribed machine
+// still lets the last thread run. The acq_rel arrival and release/acquire generation make every
+// thread's writes of step t visible to every thread after the barrier.
+class StepBarrier {
+ public:
+  explicit StepBarrier(int threads) : threads_(threads) {}
+  void wait() {
+    const unsigned gen = generation_.load(std::memory_order_relaxed);
+    if (arrived_.fetch_add(1, std::memory_order_acq_rel) == threads_ - 1) {
+      arrived_.store(0, std::memory_order_relaxed);
+      generation_.store(gen + 1, std::memory_order_release);
+      return;
+    }
+    for (int spins = 0; generation_.load(std::memory_order_acquire) == gen; ++spins) {
+      if (spins < kSpinsBeforeYield) {
+        __builtin_ia32_pause();
+      } else {
+        std::this_thread::yield();
+      }
+    }
+  }
+
+ private:
+  static constexpr int kSpinsBeforeYield = 1 << 14;
+  const int threads_;
+  alignas(64) std::atomic<int> arrived_{0};
+  alignas(64) std::atomic<unsigned> generation_{0};
+};
+
 // Runs loop(b0, b1, u0, u1, barrier) on every thread of the chosen split. With by_units the loop
-// must execute `#pragma omp barrier` once per step on every thread, even one without units.
-template <typename Loop>
+// must call barrier->wait() once per step on every thread, even one without units; otherwise
+// barrier is null.
+// pack(u0, u1) fills the panels' unit chunks [u0, u1): each unit-split thread packs its own
+// chunks (it is the only one to read them) before its first step; a batch split packs them all
+// first.
+template <typename Pack, typename Loop>
 void run_panel_split(const Schedule& s, const GatePanels& w, const PanelSplit& split,
-                     int64_t min_rows_per_block, const Loop& loop) {
+                     int64_t min_rows_per_block, const Pack& pack, const Loop& loop) {
   if (split.by_units) {
+    // The team may be smaller than asked for (OMP_THREAD_LIMIT, nesting): size the barrier to it.
+    std::unique_ptr<StepBarrier> barrier;
 #pragma omp parallel num_threads(split.threads)
     {
       const int64_t nt = omp_get_num_threads(), tid = omp_get_thread_num();
+#pragma omp single
+      barrier = std::make_unique<StepBarrier>(static_cast<int>(nt));
       const int64_t u0 = w.chunks * tid / nt, u1 = w.chunks * (tid + 1) / nt;
-      loop(int64_t{0}, s.batch, u0, u1, nt > 1);
+      pack(u0, u1);
+      loop(int64_t{0}, s.batch, u0, u1, nt > 1 ? barrier.get() : nullptr);
     }
     return;
   }
-  for_blocks(split_batch(s, min_rows_per_block),
-             [&](RowBlock blk) { loop(blk.lo, blk.hi, int64_t{0}, w.chunks, false); });
+  if (w.storage.nbytes() >= (size_t{256} << 10)) {
+    at::parallel_for(0, w.chunks, 1, pack);
+  } else {
+    pack(int64_t{0}, w.chunks);
+  }
+  for_blocks(split_batch(s, min_rows_per_block), [&](RowBlock blk) {
+    loop(blk.lo, blk.hi, int64_t{0}, w.chunks, static_cast<StepBarrier*>(nullptr));
+  });
 }
 
 // ---- plain per-step products on packed weights ------------------------------------------------

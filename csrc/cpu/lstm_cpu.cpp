@@ -123,9 +123,12 @@ template <typename T>
 void lstm_forward_unit_split(const Schedule& s, int64_t H, const T* w_hh_t, T* gates, T* cells,
                              T* out, T* h_state, T* c_state, T* h_spare, int threads) {
   const int64_t G = 4 * H, B = s.batch;
+  std::unique_ptr<StepBarrier> barrier;
 #pragma omp parallel num_threads(threads)
   {
     const int64_t nt = omp_get_num_threads(), tid = omp_get_thread_num();
+#pragma omp single
+    barrier = std::make_unique<StepBarrier>(static_cast<int>(nt));
     const int64_t chunk = (H + nt - 1) / nt;
     const int64_t j0 = std::min(H, tid * chunk), j1 = std::min(H, j0 + chunk);
     T* bufs[2] = {h_state, h_spare};
@@ -139,7 +142,7 @@ void lstm_forward_unit_split(const Schedule& s, int64_t H, const T* w_hh_t, T* g
           small_gemm(B, H, j1 - j0, h_prev, H, w_hh_t + q * H + j0, G, g + q * H + j0, G, true);
         lstm_forward_units(B, H, j0, j1, g, c_state, cells + off * H, out + off * H, h_next);
       }
-#pragma omp barrier
+      barrier->wait();
     }
   }
   if (s.steps % 2 == 1) std::memcpy(h_state, h_spare, B * H * sizeof(T));
@@ -260,7 +263,7 @@ struct LstmFusedEpilogue {
 
 template <PanelIsa Isa, typename T>
 TRF_ALWAYS_INLINE void lstm_fused_loop_impl(const LstmFusedArgs<T>& A, int64_t b0, int64_t b1,
-                                            int64_t u0, int64_t u1, bool barrier) {
+                                            int64_t u0, int64_t u1, StepBarrier* barrier) {
   const Schedule& s = *A.s;
   const int64_t H = A.H, G = 4 * H, I = A.w->K1;
   // Inference with the input projection fused in: no gate matrix at all, only this scratch.
@@ -284,20 +287,19 @@ TRF_ALWAYS_INLINE void lstm_fused_loop_impl(const LstmFusedArgs<T>& A, int64_t b
                                      A.out + off * H};
       panel_step<Isa, T, 4>(b0, e, u0, u1, *A.w, A.packed, rows, H, H, epi);
     }
-    if (barrier) {
-#pragma omp barrier
-    }
+    if (barrier != nullptr) barrier->wait();
   }
 }
 
 #if TRF_HAVE_PANELS
 #define TRF_DEFINE_LSTM_FUSED(T)                                                                 \
-  TRF_TARGET_AVX512 void lstm_fused_loop_avx512(const LstmFusedArgs<T>& a, int64_t b0,          \
-                                                int64_t b1, int64_t u0, int64_t u1, bool bar) {  \
+  TRF_TARGET_AVX512 void lstm_fused_loop_avx512(const LstmFusedArgs<T>& a, int64_t b0,           \
+                                                int64_t b1, int64_t u0, int64_t u1,              \
+                                                StepBarrier* bar) {                              \
     lstm_fused_loop_impl<PanelIsa::kAvx512, T>(a, b0, b1, u0, u1, bar);                          \
   }                                                                                              \
   TRF_TARGET_AVX2 void lstm_fused_loop_avx2(const LstmFusedArgs<T>& a, int64_t b0, int64_t b1,   \
-                                            int64_t u0, int64_t u1, bool bar) {                  \
+                                            int64_t u0, int64_t u1, StepBarrier* bar) {          \
     lstm_fused_loop_impl<PanelIsa::kAvx2, T>(a, b0, b1, u0, u1, bar);                            \
   }
 TRF_DEFINE_LSTM_FUSED(float)
@@ -310,12 +312,15 @@ void lstm_forward_fused(PanelIsa isa, const Schedule& s, int64_t H, const at::Te
                         const at::Tensor& w_ih, const T* input, const T* bias, T* gates, T* cells,
                         T* out, T* h_state, T* c_state, const T* h0, int64_t min_rows_per_block) {
 #if TRF_HAVE_PANELS
-  const GatePanels w = pack_gate_panels(w_hh, 4, H, panel_lanes(isa, sizeof(T)), w_ih);
+  const GatePanels w = gate_panels_for(w_hh, 4, H, panel_lanes(isa, sizeof(T)), w_ih);
+  const T* w_hh_p = w_hh.data_ptr<T>();
+  const T* w_ih_p = w_ih.defined() ? w_ih.data_ptr<T>() : nullptr;
   const LstmFusedArgs<T> args{&s,  &w,    w.storage.data_ptr<T>(), H,       input, bias,
                               gates, cells, out,                   c_state, h0};
   const PanelSplit split = choose_panel_split(s, w, sizeof(T), min_rows_per_block);
   run_panel_split(s, w, split, min_rows_per_block,
-                  [&](int64_t b0, int64_t b1, int64_t u0, int64_t u1, bool barrier) {
+                  [&](int64_t u0, int64_t u1) { pack_gate_chunks<T>(w, w_hh_p, w_ih_p, u0, u1); },
+                  [&](int64_t b0, int64_t b1, int64_t u0, int64_t u1, StepBarrier* barrier) {
                     if (isa == PanelIsa::kAvx512)
                       lstm_fused_loop_avx512(args, b0, b1, u0, u1, barrier);
                     else
