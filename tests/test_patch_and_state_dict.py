@@ -198,6 +198,28 @@ def test_parameter_updates_are_seen():
     _check_same_forward(ref, ours)
 
 
+@pytest.mark.parametrize("cfg", [dict(num_layers=2, bidirectional=True),
+                                 dict(proj_size=3, bias=False)], ids=_cfg_id)
+def test_reassigned_parameters_are_seen(cfg):
+    """The modules read weights through RNNBase's _flat_weights, as torch.nn.LSTM does: a
+    parameter assigned anew (not updated in place) must be the one used."""
+    ref = torch.nn.LSTM(4, 5, dtype=torch.float64, **cfg)
+    ours = timerec_fast.LSTM(4, 5, dtype=torch.float64, **cfg)
+    ours.load_state_dict(ref.state_dict())
+    for name in ("weight_hh_l0", "weight_ih_l0_reverse" if cfg.get("bidirectional") else
+                 "weight_hr_l0"):
+        new = torch.nn.Parameter(torch.randn_like(getattr(ref, name)))
+        setattr(ref, name, new)
+        setattr(ours, name, torch.nn.Parameter(new.detach().clone()))
+    _check_same_forward(ref, ours)
+    gru_ref, gru = torch.nn.GRU(4, 5, dtype=torch.float64), timerec_fast.GRU(4, 5, dtype=torch.float64)
+    gru.load_state_dict(gru_ref.state_dict())
+    gru.bias_hh_l0 = torch.nn.Parameter(torch.randn(15, dtype=torch.float64))
+    gru_ref.bias_hh_l0 = torch.nn.Parameter(gru.bias_hh_l0.detach().clone())
+    x = torch.randn(5, 2, 4, dtype=torch.float64)
+    torch.testing.assert_close(gru(x)[0], gru_ref(x)[0], rtol=1e-10, atol=1e-12)
+
+
 # ---- patch_torch -----------------------------------------------------------------------------------
 
 
