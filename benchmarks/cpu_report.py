@@ -5,9 +5,18 @@
 speedup = torch.nn time / timerec_fast time, both measured in this process (median of repeats);
 floor = the cell's matmul FLOPs / this machine's measured large-GEMM rate, so ours/floor shows the
 distance to the limit.
+
+glibc hands blocks above its mmap threshold back to the OS on free, so a process that allocates
+large buffers every step page-faults them in again every step. torch.nn.LSTM's oneDNN training
+path does: at (256, 50, 64, 64), `perf stat` counted 522K page faults against 63K over 63 steps,
+and a step took 31-32 ms instead of 19.7 ms. Our ops keep their large buffers
+(csrc/cpu/workspace.h). To compare against torch without that cost, run with
+MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=1073741824 in the environment; the JSON
+records these variables under meta.malloc_env.
 """
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -50,7 +59,9 @@ def main():
                                 text=True).stdout.strip()
         meta = dict(machine=platform.processor() or platform.machine(), threads=args.threads,
                     torch=torch.__version__, commit=commit, gemm_gflops=rate / 1e9,
-                    runs=len(runs), gemm_gflops_runs=[round(r / 1e9, 1) for r in rates])
+                    runs=len(runs), gemm_gflops_runs=[round(r / 1e9, 1) for r in rates],
+                    malloc_env={k: v for k, v in os.environ.items()
+                                if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES"})
         with open(args.json, "w") as f:
             json.dump(dict(meta=meta, rows=rows), f, indent=1)
         print(f"wrote {args.json}")

@@ -66,6 +66,8 @@ def load_pytest_benchmark(doc, name):
 def load_cpu_report(doc, name):
     m = doc.get("meta", {})
     device = f"CPU {m.get('machine', '?')} x{m.get('threads', '?')}"
+    if m.get("malloc_env"):  # e.g. glibc told to keep large blocks: no page faults for torch either
+        device += " " + " ".join(f"{k}={v}" for k, v in sorted(m["malloc_env"].items()))
     meta = dict(kind="cpu_report", file=name, device=device, commit=m.get("commit", ""),
                 torch=m.get("torch", ""), gemm_gflops=m.get("gemm_gflops"))
     rows = [_row(device, r["cell"], r["mode"], r["B"], r["T"], r["I"], r["H"], r["ms_ours"],
