@@ -57,7 +57,7 @@ def _time_major_rows(t, batch_first):
     """(T, B, ...) or (B, T, ...) -> (T*B, ...) rows in packed (time-major) order."""
     if batch_first:
         t = t.transpose(0, 1)
-    return t.reshape((t.shape[0] * t.shape[1],) + tuple(t.shape[2:]))
+    return t.flatten(0, 1)
 
 
 class _FusedRNNMixin:
@@ -121,9 +121,13 @@ class _FusedRNNMixin:
 
         num_directions = 2 if self.bidirectional else 1
         if hx is None:
-            states = tuple(
-                torch.zeros(self.num_layers * num_directions, batch, w, dtype=x.dtype,
-                            device=x.device) for w in self._state_sizes())
+            # The ops only read initial states: one zero tensor serves every state of its width.
+            widths = self._state_sizes()
+            zeros = torch.zeros(self.num_layers * num_directions, batch, widths[0], dtype=x.dtype,
+                                device=x.device)
+            states = tuple(zeros if w == widths[0] else
+                           torch.zeros(self.num_layers * num_directions, batch, w, dtype=x.dtype,
+                                       device=x.device) for w in widths)
         else:
             states = self._unpack_states(hx)
             want = 3 if is_batched else 2
@@ -135,7 +139,8 @@ class _FusedRNNMixin:
             if not is_batched:
                 states = tuple(s.unsqueeze(1) for s in states)
         self._check_args(x, self._pack_states(states), batch_sizes)
-        self._check_state_meta(states, x)
+        if hx is not None:  # states made above already have the input's dtype and device
+            self._check_state_meta(states, x)
         if sorted_indices is not None and hx is not None:
             states = tuple(s.index_select(1, sorted_indices) for s in states)
 
@@ -173,6 +178,10 @@ class _FusedRNNMixin:
         return out, self._pack_states(finals)
 
     def _run_layers(self, x, batch_sizes, states, extra_rows):
+        if self.num_layers == 1 and not self.bidirectional:  # the common case, without the loops
+            out, new_states = self._layer(x, batch_sizes, tuple(s[0] for s in states), 0, 0,
+                                          extra_rows)
+            return out, tuple(s.unsqueeze(0) for s in new_states)
         num_directions = 2 if self.bidirectional else 1
         finals = [[] for _ in states]
         for layer in range(self.num_layers):
