@@ -53,6 +53,13 @@ def main():
             row["speedup_runs"] = [round(r["speedup"], 3) for r in per_run]
         rows.append(row)
     rate = statistics.median(rates)
+    # One floor per row from the median GEMM rate over the runs, not the chosen run's own rate
+    # (which moved by up to 30% between runs and could put a row below its floor).
+    for row in rows:
+        floor = bench.matmul_flops(row["cell"], row["B"], row["T"], row["I"], row["H"],
+                                   row["mode"]) / rate
+        row.update(ms_floor=floor * 1e3, ours_over_floor=row["ms_ours"] / (floor * 1e3),
+                   ref_over_floor=row["ms_ref"] / (floor * 1e3))
     print(bench.format_table(rows, rate))
     if args.json:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
