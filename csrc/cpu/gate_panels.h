@@ -19,11 +19,13 @@
 
 #include <omp.h>
 
-#include <atomic>
 #include <cstdlib>
 #include <cstring>
-#include <memory>
 #include <thread>
+
+#if defined(__linux__)
+#include <sched.h>
+#endif
 
 #include "cpu_blas.h"
 #include "cpu_kernels.h"
@@ -67,6 +69,16 @@ inline PanelIsa panel_isa() {
   if (env != nullptr && std::strcmp(env, "avx2") == 0)
     return hw == PanelIsa::kNone ? hw : PanelIsa::kAvx2;
   return hw == PanelIsa::kAvx512 ? hw : PanelIsa::kNone;
+}
+
+// CPUs this process may run on (its affinity mask); a unit split never uses more threads than
+// that, because each step waits for the slowest thread and a descheduled one stalls the rest.
+inline int available_cpus() {
+#if defined(__linux__)
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+#endif
+  return std::max(1u, std::thread::hardware_concurrency());
 }
 
 // Vector registers of each ISA level and how many accumulator rows fit beside the G weight
@@ -412,7 +424,8 @@ struct PanelSplit {
 inline PanelSplit choose_panel_split(const Schedule& s, const GatePanels& w, size_t elem_size,
                                      int64_t min_rows_per_block) {
   PanelSplit p;
-  const int threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  const int threads =
+      at::in_parallel_region() ? 1 : std::min(at::get_num_threads(), available_cpus());
   if (threads < 2 || s.steps == 0) return p;
   const int64_t w_bytes = w.K * w.gates * w.chunks * w.lanes * static_cast<int64_t>(elem_size);
   const int64_t work_per_step = s.rows / std::max<int64_t>(s.steps, 1) * w.K * w.gates * w.H;
@@ -463,40 +476,11 @@ void final_state_from_rows(const Schedule& s, const T* rows, int64_t width, T* s
   }
 }
 
-// The once-per-step barrier of a unit split. libgomp's `omp barrier` measured ~0.25 us per call
-// with 2 threads here (12.5 us per 50 steps, against 2 us for this one): a sense-reversing
-// counter. Waiters spin on the generation with `pause`, then yield, so an oversubscribed machine
-// still lets the last thread run. The acq_rel arrival and release/acquire generation make every
-// thread's writes of step t visible to every thread after the barrier.
-class StepBarrier {
- public:
-  explicit StepBarrier(int threads) : threads_(threads) {}
-  void wait() {
-    const unsigned gen = generation_.load(std::memory_order_relaxed);
-    if (arrived_.fetch_add(1, std::memory_order_acq_rel) == threads_ - 1) {
-      arrived_.store(0, std::memory_order_relaxed);
-      generation_.store(gen + 1, std::memory_order_release);
-      return;
-    }
-    for (int spins = 0; generation_.load(std::memory_order_acquire) == gen; ++spins) {
-      if (spins < kSpinsBeforeYield) {
-        __builtin_ia32_pause();
-      } else {
-        std::this_thread::yield();
-      }
-    }
-  }
-
- private:
-  static constexpr int kSpinsBeforeYield = 1 << 14;
-  const int threads_;
-  alignas(64) std::atomic<int> arrived_{0};
-  alignas(64) std::atomic<unsigned> generation_{0};
-};
-
-// Runs loop(b0, b1, u0, u1, barrier) on every thread of the chosen split. With by_units the loop
-// must call barrier->wait() once per step on every thread, even one without units; otherwise
-// barrier is null.
+// Runs loop(b0, b1, u0, u1, barrier) on every thread of the chosen split. With by_units (barrier
+// true) the loop must execute `#pragma omp barrier` once per step on every thread, even one
+// without units. (A spin barrier of our own measured 2 us per 50 steps against libgomp's 12.5 us,
+// but on a loaded machine, two busy processes on the 2 cores, a B=1 GRU forward took 24 ms with
+// it against 0.2 ms with libgomp's: libgomp's barrier stays.)
 // pack(u0, u1) fills the panels' unit chunks [u0, u1): each unit-split thread packs its own
 // chunks (it is the only one to read them) before its first step; a batch split packs them all
 // first.
@@ -504,16 +488,12 @@ template <typename Pack, typename Loop>
 void run_panel_split(const Schedule& s, const GatePanels& w, const PanelSplit& split,
                      int64_t min_rows_per_block, const Pack& pack, const Loop& loop) {
   if (split.by_units) {
-    // The team may be smaller than asked for (OMP_THREAD_LIMIT, nesting): size the barrier to it.
-    std::unique_ptr<StepBarrier> barrier;
 #pragma omp parallel num_threads(split.threads)
     {
       const int64_t nt = omp_get_num_threads(), tid = omp_get_thread_num();
-#pragma omp single
-      barrier = std::make_unique<StepBarrier>(static_cast<int>(nt));
       const int64_t u0 = w.chunks * tid / nt, u1 = w.chunks * (tid + 1) / nt;
       pack(u0, u1);
-      loop(int64_t{0}, s.batch, u0, u1, nt > 1 ? barrier.get() : nullptr);
+      loop(int64_t{0}, s.batch, u0, u1, nt > 1);
     }
     return;
   }
@@ -522,9 +502,8 @@ void run_panel_split(const Schedule& s, const GatePanels& w, const PanelSplit& s
   } else {
     pack(int64_t{0}, w.chunks);
   }
-  for_blocks(split_batch(s, min_rows_per_block), [&](RowBlock blk) {
-    loop(blk.lo, blk.hi, int64_t{0}, w.chunks, static_cast<StepBarrier*>(nullptr));
-  });
+  for_blocks(split_batch(s, min_rows_per_block),
+             [&](RowBlock blk) { loop(blk.lo, blk.hi, int64_t{0}, w.chunks, false); });
 }
 
 // ---- plain per-step products on packed weights ------------------------------------------------

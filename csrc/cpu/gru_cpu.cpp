@@ -179,7 +179,7 @@ struct GruFusedEpilogue {
 
 template <PanelIsa Isa, typename T>
 TRF_ALWAYS_INLINE void gru_fused_loop_impl(const GruFusedArgs<T>& A, int64_t b0, int64_t b1,
-                                           int64_t u0, int64_t u1, StepBarrier* barrier) {
+                                           int64_t u0, int64_t u1, bool barrier) {
   const Schedule& s = *A.s;
   const int64_t H = A.H, G = 3 * H;
   std::vector<T> scratch(kScratchRows * G);
@@ -193,18 +193,20 @@ TRF_ALWAYS_INLINE void gru_fused_loop_impl(const GruFusedArgs<T>& A, int64_t b0,
       const GruFusedEpilogue<T> epi{&rows, H, A.gates + off * G, A.hn + off * H, A.out + off * H};
       panel_step<Isa, T, 3>(b0, e, u0, u1, *A.w, A.packed, rows, H, H, epi);
     }
-    if (barrier != nullptr) barrier->wait();
+    if (barrier) {
+#pragma omp barrier
+    }
   }
 }
 
 #if TRF_HAVE_PANELS
 #define TRF_DEFINE_GRU_FUSED(T)                                                                  \
   TRF_TARGET_AVX512 void gru_fused_loop_avx512(const GruFusedArgs<T>& a, int64_t b0, int64_t b1, \
-                                               int64_t u0, int64_t u1, StepBarrier* bar) {       \
+                                               int64_t u0, int64_t u1, bool bar) {               \
     gru_fused_loop_impl<PanelIsa::kAvx512, T>(a, b0, b1, u0, u1, bar);                           \
   }                                                                                              \
   TRF_TARGET_AVX2 void gru_fused_loop_avx2(const GruFusedArgs<T>& a, int64_t b0, int64_t b1,     \
-                                           int64_t u0, int64_t u1, StepBarrier* bar) {           \
+                                           int64_t u0, int64_t u1, bool bar) {                   \
     gru_fused_loop_impl<PanelIsa::kAvx2, T>(a, b0, b1, u0, u1, bar);                             \
   }
 TRF_DEFINE_GRU_FUSED(float)
@@ -224,7 +226,7 @@ void gru_forward_fused(PanelIsa isa, const Schedule& s, int64_t H, const at::Ten
                   [&](int64_t u0, int64_t u1) {
                     pack_gate_chunks<T>(w, w_hh_p, static_cast<const T*>(nullptr), u0, u1);
                   },
-                  [&](int64_t b0, int64_t b1, int64_t u0, int64_t u1, StepBarrier* barrier) {
+                  [&](int64_t b0, int64_t b1, int64_t u0, int64_t u1, bool barrier) {
                     if (isa == PanelIsa::kAvx512)
                       gru_fused_loop_avx512(args, b0, b1, u0, u1, barrier);
                     else

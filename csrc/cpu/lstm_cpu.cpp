@@ -123,12 +123,9 @@ template <typename T>
 void lstm_forward_unit_split(const Schedule& s, int64_t H, const T* w_hh_t, T* gates, T* cells,
                              T* out, T* h_state, T* c_state, T* h_spare, int threads) {
   const int64_t G = 4 * H, B = s.batch;
-  std::unique_ptr<StepBarrier> barrier;
 #pragma omp parallel num_threads(threads)
   {
     const int64_t nt = omp_get_num_threads(), tid = omp_get_thread_num();
-#pragma omp single
-    barrier = std::make_unique<StepBarrier>(static_cast<int>(nt));
     const int64_t chunk = (H + nt - 1) / nt;
     const int64_t j0 = std::min(H, tid * chunk), j1 = std::min(H, j0 + chunk);
     T* bufs[2] = {h_state, h_spare};
@@ -142,7 +139,7 @@ void lstm_forward_unit_split(const Schedule& s, int64_t H, const T* w_hh_t, T* g
           small_gemm(B, H, j1 - j0, h_prev, H, w_hh_t + q * H + j0, G, g + q * H + j0, G, true);
         lstm_forward_units(B, H, j0, j1, g, c_state, cells + off * H, out + off * H, h_next);
       }
-      barrier->wait();
+#pragma omp barrier
     }
   }
   if (s.steps % 2 == 1) std::memcpy(h_state, h_spare, B * H * sizeof(T));
@@ -263,7 +260,7 @@ struct LstmFusedEpilogue {
 
 template <PanelIsa Isa, typename T>
 TRF_ALWAYS_INLINE void lstm_fused_loop_impl(const LstmFusedArgs<T>& A, int64_t b0, int64_t b1,
-                                            int64_t u0, int64_t u1, StepBarrier* barrier) {
+                                            int64_t u0, int64_t u1, bool barrier) {
   const Schedule& s = *A.s;
   const int64_t H = A.H, G = 4 * H, I = A.w->K1;
   // Inference with the input projection fused in: no gate matrix at all, only this scratch.
@@ -287,19 +284,20 @@ TRF_ALWAYS_INLINE void lstm_fused_loop_impl(const LstmFusedArgs<T>& A, int64_t b
                                      A.out + off * H};
       panel_step<Isa, T, 4>(b0, e, u0, u1, *A.w, A.packed, rows, H, H, epi);
     }
-    if (barrier != nullptr) barrier->wait();
+    if (barrier) {
+#pragma omp barrier
+    }
   }
 }
 
 #if TRF_HAVE_PANELS
 #define TRF_DEFINE_LSTM_FUSED(T)                                                                 \
   TRF_TARGET_AVX512 void lstm_fused_loop_avx512(const LstmFusedArgs<T>& a, int64_t b0,           \
-                                                int64_t b1, int64_t u0, int64_t u1,              \
-                                                StepBarrier* bar) {                              \
+                                                int64_t b1, int64_t u0, int64_t u1, bool bar) {  \
     lstm_fused_loop_impl<PanelIsa::kAvx512, T>(a, b0, b1, u0, u1, bar);                          \
   }                                                                                              \
   TRF_TARGET_AVX2 void lstm_fused_loop_avx2(const LstmFusedArgs<T>& a, int64_t b0, int64_t b1,   \
-                                            int64_t u0, int64_t u1, StepBarrier* bar) {          \
+                                            int64_t u0, int64_t u1, bool bar) {                  \
     lstm_fused_loop_impl<PanelIsa::kAvx2, T>(a, b0, b1, u0, u1, bar);                            \
   }
 TRF_DEFINE_LSTM_FUSED(float)
@@ -320,7 +318,7 @@ void lstm_forward_fused(PanelIsa isa, const Schedule& s, int64_t H, const at::Te
   const PanelSplit split = choose_panel_split(s, w, sizeof(T), min_rows_per_block);
   run_panel_split(s, w, split, min_rows_per_block,
                   [&](int64_t u0, int64_t u1) { pack_gate_chunks<T>(w, w_hh_p, w_ih_p, u0, u1); },
-                  [&](int64_t b0, int64_t b1, int64_t u0, int64_t u1, StepBarrier* barrier) {
+                  [&](int64_t b0, int64_t b1, int64_t u0, int64_t u1, bool barrier) {
                     if (isa == PanelIsa::kAvx512)
                       lstm_fused_loop_avx512(args, b0, b1, u0, u1, barrier);
                     else
@@ -391,7 +389,7 @@ lstm_forward_impl(const at::Tensor& input, const at::Tensor& batch_sizes, const 
   at::Tensor w_hh_t = transposed(w_hh);
   at::Tensor w_hr_t = d.proj ? transposed(*w_hr) : at::Tensor();
 
-  const int threads = at::get_num_threads();
+  const int threads = std::min(at::get_num_threads(), available_cpus());
   if (use_unit_split(s, d.H, d.proj, threads)) {
     at::Tensor h_spare = at::empty_like(h_state);
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "timerec_fast_lstm_forward_units", [&] {
