@@ -139,9 +139,6 @@ struct GatePanels {
   int64_t panel_size() const { return K * gates * lanes; }
 };
 
-// Copies rows [q*H, (q+1)*H) of a (gates*H, Kw) row-major W into panel rows [k_off, k_off+Kw).
-// A plain loop (one pass, writes in order): the ATen permute+contiguous it replaces cost
-// ~50-100 us per call at H = 128, most of a B = 1 forward.
 // Columns [k0, Kw) of one (unit chunk, gate) block: `valid` source rows, zeros past them.
 template <typename T>
 TRF_ALWAYS_INLINE void pack_block_scalar(const T* const* src, int64_t valid, int64_t L,
@@ -228,7 +225,10 @@ TRF_TARGET_AVX512 inline void pack_rows_into_panels_avx512(const double* w, int6
 }
 #endif
 
-// Unit chunks [u0, u1) only: a unit-split thread packs the chunks it will read, into its own cache.
+// Copies rows [q*H, (q+1)*H) of a (gates*H, Kw) row-major W into panel rows [k_off, k_off+Kw),
+// for unit chunks [u0, u1) only: a unit-split thread packs the chunks it will read, into its own
+// cache. (The ATen permute+contiguous this replaces cost ~50-100 us per call at H = 128, most of
+// a B = 1 forward.)
 template <typename T>
 void pack_rows_into_panels(const T* w, int64_t Kw, int64_t k_off, const GatePanels& p, int64_t u0,
                            int64_t u1, T* dst) {
