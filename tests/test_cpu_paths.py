@@ -131,6 +131,21 @@ def test_fused_paths(monkeypatch, threads, gemm, num_threads, dtype, case, cls, 
         torch.testing.assert_close(a, b, **tol)
 
 
+@pytest.mark.parametrize("cls,ref_cls", [(timerec_fast.LSTM, torch.nn.LSTM),
+                                         (timerec_fast.GRU, torch.nn.GRU)])
+def test_more_threads_than_cpus(threads, cls, ref_cls):
+    """torch.set_num_threads above the CPU count: the unit split caps its team at the CPUs in the
+    affinity mask (a per-step barrier with a descheduled thread stalls every step); the results
+    must not depend on the team size."""
+    threads(2 * (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2) + 1)
+    ours, ref = _pair(cls, ref_cls, torch.float64, input_size=8, hidden_size=120)
+    x = torch.randn(9, 2, 8, dtype=torch.float64, requires_grad=True)
+    with torch.no_grad():
+        for a, b in zip(ours(x)[:1], ref(x)[:1]):
+            torch.testing.assert_close(a, b, **TOL[torch.float64])
+    _check(ours, ref, x, TOL[torch.float64])
+
+
 def test_lstm_inference_op_matches_forward():
     torch.manual_seed(0)
     T, B, I, H = 6, 32, 7, 37
