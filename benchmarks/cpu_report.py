@@ -42,7 +42,7 @@ def main():
     for _ in range(max(1, args.runs)):
         rate, rows = bench.gemm_rate(), []
         for cell in args.cells.split(","):
-            rows += bench.run_cell(cell.strip(), rate=rate)
+            rows += bench.run_cell(cell.strip())  # floors added below, from the median rate
         runs.append(rows)
         rates.append(rate)
     rows = []
@@ -56,10 +56,7 @@ def main():
     # One floor per row from the median GEMM rate over the runs, not the chosen run's own rate
     # (which moved by up to 30% between runs and could put a row below its floor).
     for row in rows:
-        floor = bench.matmul_flops(row["cell"], row["B"], row["T"], row["I"], row["H"],
-                                   row["mode"]) / rate
-        row.update(ms_floor=floor * 1e3, ours_over_floor=row["ms_ours"] / (floor * 1e3),
-                   ref_over_floor=row["ms_ref"] / (floor * 1e3))
+        bench.add_floor(row, rate)
     print(bench.format_table(rows, rate))
     if args.json:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,

@@ -92,11 +92,16 @@ def compare(cell, batch, steps, input_size, hidden_size, mode, ours, reference, 
     row = dict(cell=cell, mode=mode, B=batch, T=steps, I=input_size, H=hidden_size,
                ms_ours=t_ours * 1e3, ms_ref=t_ref * 1e3, speedup=t_ref / t_ours)
     if rate:
-        floor = matmul_flops(cell, batch, steps, input_size, hidden_size, mode) / rate
-        row["ms_floor"] = floor * 1e3
-        row["ours_over_floor"] = t_ours / floor
-        row["ref_over_floor"] = t_ref / floor
+        add_floor(row, rate)
     return row
+
+
+def add_floor(row, rate):
+    """Adds the GEMM floor at `rate` FLOP/s to a result row, and both sides' distance to it."""
+    ms_floor = 1e3 * matmul_flops(row["cell"], row["B"], row["T"], row["I"], row["H"],
+                                  row["mode"]) / rate
+    row.update(ms_floor=ms_floor, ours_over_floor=row["ms_ours"] / ms_floor,
+               ref_over_floor=row["ms_ref"] / ms_floor)
 
 
 def lstm_pair(input_size, hidden_size):

@@ -122,12 +122,9 @@ class _FusedRNNMixin:
         num_directions = 2 if self.bidirectional else 1
         if hx is None:
             # The ops only read initial states: one zero tensor serves every state of its width.
-            widths = self._state_sizes()
-            zeros = torch.zeros(self.num_layers * num_directions, batch, widths[0], dtype=x.dtype,
-                                device=x.device)
-            states = tuple(zeros if w == widths[0] else
-                           torch.zeros(self.num_layers * num_directions, batch, w, dtype=x.dtype,
-                                       device=x.device) for w in widths)
+            zeros = {w: torch.zeros(self.num_layers * num_directions, batch, w, dtype=x.dtype,
+                                    device=x.device) for w in set(self._state_sizes())}
+            states = tuple(zeros[w] for w in self._state_sizes())
         else:
             states = self._unpack_states(hx)
             want = 3 if is_batched else 2

@@ -71,14 +71,19 @@ inline PanelIsa panel_isa() {
   return hw == PanelIsa::kAvx512 ? hw : PanelIsa::kNone;
 }
 
-// CPUs this process may run on (its affinity mask); a unit split never uses more threads than
-// that, because each step waits for the slowest thread and a descheduled one stalls the rest.
+// CPUs this process may run on (its affinity mask).
 inline int available_cpus() {
 #if defined(__linux__)
   cpu_set_t set;
   if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
 #endif
   return std::max(1u, std::thread::hardware_concurrency());
+}
+
+// Threads a split by hidden units may use: never more than the CPUs, because each step waits for
+// the slowest thread and a descheduled one stalls the rest; one inside a parallel region.
+inline int unit_split_threads() {
+  return at::in_parallel_region() ? 1 : std::min(at::get_num_threads(), available_cpus());
 }
 
 // Vector registers of each ISA level and how many accumulator rows fit beside the G weight
@@ -424,8 +429,7 @@ struct PanelSplit {
 inline PanelSplit choose_panel_split(const Schedule& s, const GatePanels& w, size_t elem_size,
                                      int64_t min_rows_per_block) {
   PanelSplit p;
-  const int threads =
-      at::in_parallel_region() ? 1 : std::min(at::get_num_threads(), available_cpus());
+  const int threads = unit_split_threads();
   if (threads < 2 || s.steps == 0) return p;
   const int64_t w_bytes = w.K * w.gates * w.chunks * w.lanes * static_cast<int64_t>(elem_size);
   const int64_t work_per_step = s.rows / std::max<int64_t>(s.steps, 1) * w.K * w.gates * w.H;

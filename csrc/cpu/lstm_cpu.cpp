@@ -148,7 +148,7 @@ void lstm_forward_unit_split(const Schedule& s, int64_t H, const T* w_hh_t, T* g
 bool use_unit_split(const Schedule& s, int64_t H, bool proj, int threads) {
   // Measured on 2 cores (B=1, T=50): a loss at H=128 (the barrier costs more than half a step),
   // 1.5x faster than one thread at H=256 and H=512.
-  if (proj || threads < 2 || at::in_parallel_region() || H < 128 * threads) return false;
+  if (proj || threads < 2 || H < 128 * threads) return false;  // threads: unit_split_threads()
   if (s.batch > kSmallGemmRows) return false;
   for (int64_t bs : s.batch_sizes)
     if (bs != s.batch) return false;
@@ -292,7 +292,7 @@ TRF_ALWAYS_INLINE void lstm_fused_loop_impl(const LstmFusedArgs<T>& A, int64_t b
 
 #if TRF_HAVE_PANELS
 #define TRF_DEFINE_LSTM_FUSED(T)                                                                 \
-  TRF_TARGET_AVX512 void lstm_fused_loop_avx512(const LstmFusedArgs<T>& a, int64_t b0,           \
+  TRF_TARGET_AVX512 void lstm_fused_loop_avx512(const LstmFusedArgs<T>& a, int64_t b0,          \
                                                 int64_t b1, int64_t u0, int64_t u1, bool bar) {  \
     lstm_fused_loop_impl<PanelIsa::kAvx512, T>(a, b0, b1, u0, u1, bar);                          \
   }                                                                                              \
@@ -389,7 +389,7 @@ lstm_forward_impl(const at::Tensor& input, const at::Tensor& batch_sizes, const 
   at::Tensor w_hh_t = transposed(w_hh);
   at::Tensor w_hr_t = d.proj ? transposed(*w_hr) : at::Tensor();
 
-  const int threads = std::min(at::get_num_threads(), available_cpus());
+  const int threads = unit_split_threads();
   if (use_unit_split(s, d.H, d.proj, threads)) {
     at::Tensor h_spare = at::empty_like(h_state);
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "timerec_fast_lstm_forward_units", [&] {
