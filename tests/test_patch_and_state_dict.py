@@ -220,6 +220,37 @@ def test_reassigned_parameters_are_seen(cfg):
     torch.testing.assert_close(gru(x)[0], gru_ref(x)[0], rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("cell", ["LSTM", "GRU"])
+def test_functional_call_runs_the_given_weights(cell):
+    """torch.func.functional_call swaps tensors into _parameters behind RNNBase.__setattr__: the
+    module must run, and differentiate, those tensors as torch.nn does, not its own weights.
+    (torch.func.grad itself refuses ops registered with torch.library.register_autograd: the
+    autograd.Function torch generates for them has no setup_context.)"""
+    kwargs = dict(num_layers=2, proj_size=2) if cell == "LSTM" else dict(num_layers=2)
+    torch.manual_seed(0)
+    ours = getattr(timerec_fast, cell)(4, 6, **kwargs).double()
+    ref = getattr(torch.nn, cell)(4, 6, **kwargs).double()
+    x = torch.randn(5, 3, 4, dtype=torch.float64)
+    params = {k: torch.randn_like(v) for k, v in ours.named_parameters()}
+
+    def loss(module):
+        p = {k: v.clone().requires_grad_() for k, v in params.items()}
+        out, states = torch.func.functional_call(module, p, (x,))
+        states = states if isinstance(states, tuple) else (states,)
+        (out.sin().sum() + sum(s.cos().sum() for s in states)).backward()
+        return out, p
+
+    out, p = loss(ours)
+    out_ref, p_ref = loss(ref)
+    torch.testing.assert_close(out, out_ref)
+    for name in params:
+        torch.testing.assert_close(p[name].grad, p_ref[name].grad)
+    assert all(w.grad is None for w in ours.parameters())  # the module's own: untouched
+    out_own, _ = ours(x)  # and the module runs its own weights again afterwards
+    torch.testing.assert_close(out_own, torch.func.functional_call(
+        ref, dict(ours.named_parameters()), (x,))[0])
+
+
 # ---- patch_torch -----------------------------------------------------------------------------------
 
 
