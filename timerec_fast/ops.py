@@ -26,11 +26,52 @@ def _needs_autograd(tensors):
     return any(t is not None and t.requires_grad for t in tensors)
 
 
-def call_op(op, args, differentiable):
-    if _needs_autograd(differentiable):
-        return op(*args)
-    with torch._C._AutoDispatchBelowAutograd():
-        return op(*args)
+# Set to False to send every differentiable eager call through the registered autograd (tests
+# compare the two paths).
+EAGER_AUTOGRAD = True
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
+def _eager_autograd_ok(tensors):
+    """Whether a differentiable eager call may take the op's eager autograd.Function.
+
+    The registered autograd (torch.library.register_autograd) re-enters Python from the
+    dispatcher, builds its own autograd.Function call and re-fills the schema defaults: ~45 us
+    per forward on this machine, as much as a B = 1 LSTMCell step. The eager Function runs the
+    same setup_context and backward (ops below) around the same op, called below autograd. It is
+    used only where nothing else would see the difference: not while tracing or compiling, not
+    under functorch transforms or autocast (the CUDA ops have an Autocast kernel that must run
+    above autograd), and only for plain tensors (a subclass may intercept the op).
+    """
+    return (EAGER_AUTOGRAD and not torch._C._are_functorch_transforms_active()
+            and torch._C._get_tracing_state() is None and not torch.is_autocast_enabled()
+            and all(t is None or type(t) in _PLAIN_TENSORS for t in tensors))
+
+
+def _eager_function(op, setup_context, backward):
+    """An autograd.Function running `op` with the autograd formula registered for it."""
+
+    def forward(ctx, *args):
+        with torch._C._AutoDispatchBelowAutograd():
+            out = op(*args)
+        setup_context(ctx, args, out)
+        return out
+
+    # Named per op so a graph's grad_fn says which path recorded it.
+    return type(f"EagerAutograd_{op._opname}", (torch.autograd.Function,),
+                {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+
+
+def call_op(op, args, differentiable, eager=None):
+    """Runs op(*args): below autograd when nothing needs a gradient; else through `eager` (the
+    op's eager autograd.Function) where allowed, or the dispatcher's registered autograd."""
+    if not _needs_autograd(differentiable):
+        with torch._C._AutoDispatchBelowAutograd():
+            return op(*args)
+    if eager is not None and not torch.compiler.is_compiling() and \
+            _eager_autograd_ok(differentiable):
+        return eager.apply(*args)
+    return op(*args)
 
 
 def _refuse_double_backward(name):
@@ -123,6 +164,7 @@ def _lstm_backward(ctx, grad_out, grad_h_n, grad_c_n, _g_gates, _g_cells, _g_hpr
 
 torch.library.register_autograd(
     "timerec_fast::lstm_forward", _lstm_backward, setup_context=_lstm_setup_context)
+_lstm_eager = _eager_function(_ops.lstm_forward.default, _lstm_setup_context, _lstm_backward)
 
 
 def lstm_layer(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None,
@@ -130,7 +172,7 @@ def lstm_layer(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_h
     """One LSTM layer, one direction, over a packed sequence. Returns (output, h_n, c_n)."""
     args = (input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse)
     if _needs_autograd(args[:9]):
-        out, h_n, c_n, _, _, _ = _ops.lstm_forward.default(*args)
+        out, h_n, c_n, _, _, _ = call_op(_ops.lstm_forward.default, args, args[:9], _lstm_eager)
         return out, h_n, c_n
     # Nothing will be differentiated: the inference op saves no gates for a backward.
     with torch._C._AutoDispatchBelowAutograd():
@@ -179,12 +221,13 @@ def _gru_backward(ctx, grad_out, grad_h_n, _g_gates, _g_hn):
 
 torch.library.register_autograd(
     "timerec_fast::gru_forward", _gru_backward, setup_context=_gru_setup_context)
+_gru_eager = _eager_function(_ops.gru_forward.default, _gru_setup_context, _gru_backward)
 
 
 def gru_layer(input, batch_sizes, h0, w_ih, w_hh, b_ih=None, b_hh=None, reverse=False):
     """One GRU layer, one direction, over a packed sequence. Returns (output, h_n)."""
     args = (input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, reverse)
-    out, h_n, _, _ = call_op(_ops.gru_forward.default, args, args[:7])
+    out, h_n, _, _ = call_op(_ops.gru_forward.default, args, args[:7], _gru_eager)
     return out, h_n
 
 
@@ -234,13 +277,16 @@ def _time_lstm_backward(ctx, grad_out, grad_h_n, grad_c_n, *_saved_grads):
 
 torch.library.register_autograd(
     "timerec_fast::time_lstm_forward", _time_lstm_backward, setup_context=_time_lstm_setup_context)
+_time_lstm_eager = _eager_function(_ops.time_lstm_forward.default, _time_lstm_setup_context,
+                                  _time_lstm_backward)
 
 
 def time_lstm_layer(input, delta_t, batch_sizes, h0, c0, w_ih, w_hh, bias, peep, time_w, variant,
                     reverse=False):
     """One Time-LSTM layer (variant 1, 2 or 3), one direction. Returns (output, h_n, c_n)."""
     args = (input, delta_t, batch_sizes, h0, c0, w_ih, w_hh, bias, peep, time_w, variant, reverse)
-    out, h_n, c_n, _, _, _ = call_op(_ops.time_lstm_forward.default, args, args[:10])
+    out, h_n, c_n, _, _, _ = call_op(_ops.time_lstm_forward.default, args, args[:10],
+                                     _time_lstm_eager)
     return out, h_n, c_n
 
 
@@ -283,10 +329,11 @@ def _tlstm_backward(ctx, grad_out, grad_h_n, grad_c_n, *_saved_grads):
 
 torch.library.register_autograd(
     "timerec_fast::tlstm_forward", _tlstm_backward, setup_context=_tlstm_setup_context)
+_tlstm_eager = _eager_function(_ops.tlstm_forward.default, _tlstm_setup_context, _tlstm_backward)
 
 
 def tlstm_layer(input, delta_t, batch_sizes, h0, c0, w_ih, w_hh, bias, w_d, b_d, reverse=False):
     """One T-LSTM layer, one direction. Returns (output, h_n, c_n)."""
     args = (input, delta_t, batch_sizes, h0, c0, w_ih, w_hh, bias, w_d, b_d, reverse)
-    out, h_n, c_n, _, _, _ = call_op(_ops.tlstm_forward.default, args, args[:10])
+    out, h_n, c_n, _, _, _ = call_op(_ops.tlstm_forward.default, args, args[:10], _tlstm_eager)
     return out, h_n, c_n
