@@ -83,7 +83,8 @@ class _FusedRNNMixin:
     """Shared forward for the fused modules.
 
     Subclasses define ``_cell_name``, ``_state_sizes()`` (width of each state tensor),
-    ``_layer(x, batch_sizes, states, layer, direction, extra)`` and ``_check_args``.
+    ``_layer(x, batch_sizes, states, layer, direction, extra)`` and ``_check_args`` (hx None:
+    check the input alone).
     States travel as a tuple internally: (h,) for GRU, (h, c) for the LSTMs.
     """
 
@@ -140,10 +141,13 @@ class _FusedRNNMixin:
 
         num_directions = 2 if self.bidirectional else 1
         if hx is None:
-            # The ops only read initial states: one zero tensor serves every state of its width.
-            zeros = {w: torch.zeros(self.num_layers * num_directions, batch, w, dtype=x.dtype,
-                                    device=x.device) for w in set(self._state_sizes())}
-            states = tuple(zeros[w] for w in self._state_sizes())
+            # The ops only read initial states: one zero tensor serves every state of its width
+            # (the LSTM's h and c share one unless proj_size makes h narrower).
+            sizes = self._state_sizes()
+            zeros = torch.zeros(self.num_layers * num_directions, batch, sizes[0], dtype=x.dtype,
+                                device=x.device)
+            states = tuple(zeros if w == sizes[0] else zeros.new_zeros(zeros.shape[:2] + (w,))
+                           for w in sizes)
         else:
             states = self._unpack_states(hx)
             want = 3 if is_batched else 2
@@ -154,8 +158,10 @@ class _FusedRNNMixin:
                                    f"({dims}) tensors")
             if not is_batched:
                 states = tuple(s.unsqueeze(1) for s in states)
-        self._check_args(x, self._pack_states(states), batch_sizes)
-        if hx is not None:  # states made above already have the input's dtype and device
+        if hx is None:  # states made above have the right shape, dtype and device
+            self._check_args(x, None, batch_sizes)
+        else:
+            self._check_args(x, self._pack_states(states), batch_sizes)
             self._check_state_meta(states, x)
         if sorted_indices is not None and hx is not None:
             states = tuple(s.index_select(1, sorted_indices) for s in states)
@@ -243,7 +249,10 @@ class LSTM(_FusedRNNMixin, nn.RNNBase):
         return (self.proj_size if self.proj_size > 0 else self.hidden_size, self.hidden_size)
 
     def _check_args(self, x, hx, batch_sizes):
-        self.check_forward_args(x, hx, batch_sizes)
+        if hx is None:
+            self.check_input(x, batch_sizes)
+        else:
+            self.check_forward_args(x, hx, batch_sizes)
 
     def _layer(self, x, batch_sizes, states, layer, direction, extra):
         out, h, c = ops.lstm_layer(x, batch_sizes, states[0], states[1],
@@ -337,7 +346,10 @@ class GRU(_FusedRNNMixin, nn.RNNBase):
         return (self.hidden_size,)
 
     def _check_args(self, x, hx, batch_sizes):
-        self.check_forward_args(x, hx, batch_sizes)
+        if hx is None:
+            self.check_input(x, batch_sizes)
+        else:
+            self.check_forward_args(x, hx, batch_sizes)
 
     def _layer(self, x, batch_sizes, states, layer, direction, extra):
         w_ih, w_hh, b_ih, b_hh, _ = _layer_weights(self, layer, direction)

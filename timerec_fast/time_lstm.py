@@ -173,6 +173,8 @@ class TimeLSTM(_FusedRNNMixin, nn.Module):
         if x.shape[-1] != self.input_size:
             raise RuntimeError(f"TimeLSTM: input.size(-1) must be equal to input_size. Expected "
                                f"{self.input_size}, got {x.shape[-1]}")
+        if hx is None:  # states made by the caller
+            return
         if batch_sizes is not None:
             batch = int(batch_sizes[0])
         else:
