@@ -39,12 +39,15 @@ TRF_ALWAYS_INLINE void gru_forward_rows_impl(int64_t r0, int64_t r1, int64_t H, 
   }
 }
 
-// Rows are absolute within the step. dh = dh_state + grad_out; writes dxg, dhg and
-// dh_state = dh * z (the part that bypasses W_hh; the GEMM adds the rest).
+// Rows are absolute within the step. dh = dh_state + grad_out; writes dxg (the gradients of the
+// input-side pre-activations), the step's hidden-side ones dhg_step = [dr, dz, dn * r] (a
+// (B, 3H) buffer reused every step, the A operand of the dh GEMM), their n part dhn for dW_hh,
+// and dh_state = dh * z (the part that bypasses W_hh; the GEMM adds the rest). The r and z parts
+// of the hidden side equal the input side's, so only dhn is kept for all steps: N x H, not 3H.
 template <typename T>
 TRF_ALWAYS_INLINE void gru_backward_rows_impl(int64_t r0, int64_t r1, int64_t H, const T* gates,
                                               const T* hn, PrevRows<T> h_prev, const T* gy,
-                                              T* dh_state, T* dxg, T* dhg) {
+                                              T* dh_state, T* dxg, T* dhg_step, T* dhn_rows) {
   for (int64_t b = r0; b < r1; ++b) {
     const T* g = gates + b * 3 * H;
     const T* hnb = hn + b * H;
@@ -52,7 +55,8 @@ TRF_ALWAYS_INLINE void gru_backward_rows_impl(int64_t r0, int64_t r1, int64_t H,
     const T* gyb = gy + b * H;
     T* dhs = dh_state + b * H;
     T* dx = dxg + b * 3 * H;
-    T* dhh = dhg + b * 3 * H;
+    T* dhh = dhg_step + b * 3 * H;
+    T* dhn_b = dhn_rows + b * H;
 #pragma GCC ivdep
     for (int64_t j = 0; j < H; ++j) {
       T dr, dz, dn, dhn;
@@ -64,6 +68,7 @@ TRF_ALWAYS_INLINE void gru_backward_rows_impl(int64_t r0, int64_t r1, int64_t H,
       dhh[j] = dr;
       dhh[H + j] = dz;
       dhh[2 * H + j] = dhn;
+      dhn_b[j] = dhn;
       dhs[j] = rest;
     }
   }
@@ -76,8 +81,9 @@ TRF_ALWAYS_INLINE void gru_backward_rows_impl(int64_t r0, int64_t r1, int64_t H,
   }                                                                                              \
   TRF_CPU_CLONES void gru_backward_rows(int64_t r0, int64_t r1, int64_t H, const T* gates,       \
                                         const T* hn, PrevRows<T> h_prev, const T* gy,            \
-                                        T* dh_state, T* dxg, T* dhg) {                           \
-    gru_backward_rows_impl<T>(r0, r1, H, gates, hn, h_prev, gy, dh_state, dxg, dhg);             \
+                                        T* dh_state, T* dxg, T* dhg_step, T* dhn_rows) {         \
+    gru_backward_rows_impl<T>(r0, r1, H, gates, hn, h_prev, gy, dh_state, dxg, dhg_step,        \
+                              dhn_rows);                                                         \
   }
 TRF_DEFINE_GRU_ROWS(float)
 TRF_DEFINE_GRU_ROWS(double)
@@ -107,7 +113,7 @@ void gru_forward_block(const Schedule& s, RowBlock blk, int64_t H, const T* w_hh
 template <typename T>
 void gru_backward_block(const Schedule& s, RowBlock blk, int64_t H, const RecurrentWeight<T>& w_hh,
                         const T* gates, const T* hn, const T* out, const T* h0, const T* grad_out,
-                        T* dh_state, T* dxg, T* dhg) {
+                        T* dh_state, T* dxg, T* dhg_step, T* dhn) {
   const int64_t G = 3 * H;
   for (int64_t k = s.steps - 1; k >= 0; --k) {
     const int64_t t = s.time_at(k);
@@ -117,9 +123,9 @@ void gru_backward_block(const Schedule& s, RowBlock blk, int64_t H, const Recurr
     const auto h_prev = prev_rows(s, k, out, h0, H);
     for_rows(n, G, [&](int64_t r0, int64_t r1) {
       gru_backward_rows(blk.lo + r0, blk.lo + r1, H, gates + base * G, hn + base * H, h_prev,
-                        grad_out + base * H, dh_state, dxg + base * G, dhg + base * G);
+                        grad_out + base * H, dh_state, dxg + base * G, dhg_step, dhn + base * H);
     });
-    recurrent_gemm<T>(n, G, H, dhg + (base + blk.lo) * G, G, w_hh, dh_state + blk.lo * H, H,
+    recurrent_gemm<T>(n, G, H, dhg_step + blk.lo * G, G, w_hh, dh_state + blk.lo * H, H,
                       /*accumulate=*/true);
   }
 }
@@ -310,7 +316,8 @@ gru_backward_cpu(const c10::optional<at::Tensor>& grad_output,
   at::Tensor gy = grad_or_zeros(grad_output, {N, H}, input);
   at::Tensor dh_state = grad_or_zeros(grad_h_n, {B, H}, input).clone(at::MemoryFormat::Contiguous);
   at::Tensor dxg = workspace_empty({N, 3 * H}, opts);
-  at::Tensor dhg = workspace_empty({N, 3 * H}, opts);
+  at::Tensor dhg_step = workspace_empty({B, 3 * H}, opts);  // each row block uses its own rows
+  at::Tensor dhn = workspace_empty({N, H}, opts);
   at::Tensor h_prev = workspace_empty({N, H}, opts);
   at::Tensor gates_c = gates.contiguous(), hn_c = hn.contiguous(), out_c = output.contiguous();
   at::Tensor h0_c = h0.contiguous(), w_hh_c = w_hh.contiguous();
@@ -321,14 +328,22 @@ gru_backward_cpu(const c10::optional<at::Tensor>& grad_output,
                                    gates_c.data_ptr<scalar_t>(), hn_c.data_ptr<scalar_t>(),
                                    out_c.data_ptr<scalar_t>(), h0_c.data_ptr<scalar_t>(),
                                    gy.data_ptr<scalar_t>(), dh_state.data_ptr<scalar_t>(),
-                                   dxg.data_ptr<scalar_t>(), dhg.data_ptr<scalar_t>());
+                                   dxg.data_ptr<scalar_t>(), dhg_step.data_ptr<scalar_t>(),
+                                   dhn.data_ptr<scalar_t>());
     });
     gather_prev_states<scalar_t>(s, out_c.data_ptr<scalar_t>(), h0_c.data_ptr<scalar_t>(), H,
                                  h_prev.data_ptr<scalar_t>());
   });
   at::Tensor grad_input = input_grad ? at::mm(dxg, w_ih) : at::empty({0}, opts);
-  return {grad_input, dh_state, at::mm(dxg.t(), input), at::mm(dhg.t(), h_prev), dxg.sum(0),
-          dhg.sum(0)};
+  // The hidden side's r and z gradients are the input side's: dW_hh and b_hh reuse dxg for them.
+  at::Tensor grad_w_hh = at::empty({3 * H, H}, opts);
+  at::Tensor grad_w_hh_rz = grad_w_hh.narrow(0, 0, 2 * H);
+  at::Tensor grad_w_hh_n = grad_w_hh.narrow(0, 2 * H, H);
+  at::mm_out(grad_w_hh_rz, dxg.narrow(1, 0, 2 * H).t(), h_prev);
+  at::mm_out(grad_w_hh_n, dhn.t(), h_prev);
+  at::Tensor grad_b_ih = dxg.sum(0);
+  at::Tensor grad_b_hh = at::cat({grad_b_ih.narrow(0, 0, 2 * H), dhn.sum(0)});
+  return {grad_input, dh_state, at::mm(dxg.t(), input), grad_w_hh, grad_b_ih, grad_b_hh};
 }
 
 }  // namespace
