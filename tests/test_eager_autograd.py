@@ -1,10 +1,10 @@
-"""The two autograd paths of the fused ops give the same results.
+"""The autograd paths of the fused ops give the same results.
 
-Differentiable eager calls take each op's eager autograd.Function (ops._eager_function);
-tracing, compiling, functorch transforms and CUDA autocast take the autograd registered with
-torch.library.register_autograd. Both run the same setup_context and backward around the same
-kernels, so outputs and every gradient must be bit-identical, and each path must really be the
-one recorded in the graph.
+Differentiable eager calls take each op's eager autograd.Function, torch.func transforms its
+functorch Function (ops.register_autograd); tracing, compiling and CUDA autocast take the
+autograd registered with torch.library.register_autograd. All run the same setup_context and
+backward around the same kernels, so outputs and every gradient must be bit-identical, and each
+path must really be the one recorded in the graph.
 """
 import pytest
 import torch
@@ -112,3 +112,45 @@ def test_double_backward_is_refused_on_both_paths():
         (g,) = torch.autograd.grad(out.sum(), x, create_graph=True)
         with pytest.raises(RuntimeError, match="double backward"):
             g.sum().backward()
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_torch_func_grad(name):
+    """torch.func.grad over functional_call: the functorch Function, same gradients as eager
+    autograd (and, for LSTM and GRU, as torch.nn under torch.func.grad)."""
+    module, takes_dt = MODULES[name]()
+    module.double()
+    torch.manual_seed(2)
+    x = torch.randn(T, B, I, dtype=torch.float64)
+    args = (x, torch.rand(T, B, dtype=torch.float64)) if takes_dt else (x,)
+    params = {k: torch.randn_like(v) * 0.5 for k, v in module.named_parameters()}
+
+    def loss(mod, p):
+        out, states = torch.func.functional_call(mod, p, args)
+        states = states if isinstance(states, tuple) else (states,)
+        return out.sin().sum() + sum(s.cos().sum() for s in states)
+
+    grads = torch.func.grad(lambda p: loss(module, p))(params)
+    eager = {k: v.clone().requires_grad_() for k, v in params.items()}
+    loss(module, eager).backward()
+    for k in params:
+        torch.testing.assert_close(grads[k], eager[k].grad, rtol=0, atol=0)
+    if name in ("lstm", "gru"):
+        kwargs = dict(num_layers=2, bidirectional=True)
+        if name == "lstm":
+            kwargs["proj_size"] = 2
+        ref = getattr(torch.nn, name.upper())(I, H, **kwargs).double()
+        grads_ref = torch.func.grad(lambda p: loss(ref, p))(params)
+        for k in params:
+            torch.testing.assert_close(grads[k], grads_ref[k])
+
+
+def test_torch_func_refusals_are_clear():
+    """Second order through torch.func raises our double-backward error; vmap (no batching rule
+    for the fused ops) raises torch's error naming the op, never a wrong result."""
+    module = timerec_fast.GRU(I, H).double()
+    x = torch.randn(T, B, I, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="double backward through gru_backward"):
+        torch.func.grad(lambda xx: torch.func.grad(lambda y: module(y)[0].sum())(xx).sum())(x)
+    with pytest.raises(RuntimeError, match="vmap"):
+        torch.func.vmap(lambda xx: module(xx)[0])(x.unsqueeze(0).expand(2, T, B, I))

@@ -223,9 +223,8 @@ def test_reassigned_parameters_are_seen(cfg):
 @pytest.mark.parametrize("cell", ["LSTM", "GRU"])
 def test_functional_call_runs_the_given_weights(cell):
     """torch.func.functional_call swaps tensors into _parameters behind RNNBase.__setattr__: the
-    module must run, and differentiate, those tensors as torch.nn does, not its own weights.
-    (torch.func.grad itself refuses ops registered with torch.library.register_autograd: the
-    autograd.Function torch generates for them has no setup_context.)"""
+    module must run, and differentiate, those tensors as torch.nn does, not its own weights
+    (tests/test_eager_autograd.py runs torch.func.grad over it)."""
     kwargs = dict(num_layers=2, proj_size=2) if cell == "LSTM" else dict(num_layers=2)
     torch.manual_seed(0)
     ours = getattr(timerec_fast, cell)(4, 6, **kwargs).double()

@@ -30,47 +30,63 @@ def _needs_autograd(tensors):
 # compare the two paths).
 EAGER_AUTOGRAD = True
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+# op -> (eager autograd.Function, functorch autograd.Function), see register_autograd below.
+_FUNCTIONS = {}
 
 
-def _eager_autograd_ok(tensors):
-    """Whether a differentiable eager call may take the op's eager autograd.Function.
+def _below_autograd(op, args):
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)
 
-    The registered autograd (torch.library.register_autograd) re-enters Python from the
-    dispatcher, builds its own autograd.Function call and re-fills the schema defaults: ~45 us
-    per forward on this machine, as much as a B = 1 LSTMCell step. The eager Function runs the
-    same setup_context and backward (ops below) around the same op, called below autograd. It is
-    used only where nothing else would see the difference: not while tracing or compiling, not
-    under functorch transforms or autocast (the CUDA ops have an Autocast kernel that must run
-    above autograd), and only for plain tensors (a subclass may intercept the op).
+
+def register_autograd(op, backward, setup_context):
+    """torch.library.register_autograd for `op`, plus two autograd.Functions running the same
+    formula, which call_op uses where the registered one cannot serve or costs too much:
+
+    * eager: the registered autograd re-enters Python from the dispatcher, builds its own
+      autograd.Function call and re-fills the schema defaults, ~45 us per forward on this
+      machine (as much as a B = 1 LSTMCell step). This Function calls the op below autograd and
+      runs setup_context itself.
+    * functorch (torch.func.grad, vjp, jacrev): torch refuses the Function it generates for the
+      registered autograd under these transforms (it has no setup_context staticmethod); this one
+      has. vmap and forward mode still refuse (no vmap or jvp rule).
     """
-    return (EAGER_AUTOGRAD and not torch._C._are_functorch_transforms_active()
-            and torch._C._get_tracing_state() is None and not torch.is_autocast_enabled()
-            and all(t is None or type(t) in _PLAIN_TENSORS for t in tensors))
+    torch.library.register_autograd(f"timerec_fast::{op._opname}", backward,
+                                    setup_context=setup_context)
 
-
-def _eager_function(op, setup_context, backward):
-    """An autograd.Function running `op` with the autograd formula registered for it."""
-
-    def forward(ctx, *args):
-        with torch._C._AutoDispatchBelowAutograd():
-            out = op(*args)
+    def forward_with_ctx(ctx, *args):
+        out = _below_autograd(op, args)
         setup_context(ctx, args, out)
         return out
 
-    # Named per op so a graph's grad_fn says which path recorded it.
-    return type(f"EagerAutograd_{op._opname}", (torch.autograd.Function,),
-                {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+    def forward(*args):
+        return _below_autograd(op, args)
+
+    # Named per op and path, so a graph's grad_fn says which path recorded it.
+    function = torch.autograd.Function
+    eager = type(f"EagerAutograd_{op._opname}", (function,),
+                 {"forward": staticmethod(forward_with_ctx), "backward": staticmethod(backward)})
+    func = type(f"FuncAutograd_{op._opname}", (function,),
+                {"forward": staticmethod(forward), "setup_context": staticmethod(setup_context),
+                 "backward": staticmethod(backward)})
+    _FUNCTIONS[op] = (eager, func)
 
 
-def call_op(op, args, differentiable, eager=None):
-    """Runs op(*args): below autograd when nothing needs a gradient; else through `eager` (the
-    op's eager autograd.Function) where allowed, or the dispatcher's registered autograd."""
+def call_op(op, args, differentiable):
+    """Runs op(*args): below autograd when nothing needs a gradient. Otherwise through one of the
+    op's own autograd.Functions (register_autograd above) where nothing else would see the
+    difference: not while compiling or tracing, nor under autocast (the CUDA ops' Autocast
+    kernel must run above autograd); eagerly only for plain tensors (a subclass may intercept
+    the op). Everything else takes the dispatcher's registered autograd."""
     if not _needs_autograd(differentiable):
-        with torch._C._AutoDispatchBelowAutograd():
-            return op(*args)
-    if eager is not None and not torch.compiler.is_compiling() and \
-            _eager_autograd_ok(differentiable):
-        return eager.apply(*args)
+        return _below_autograd(op, args)
+    functions = _FUNCTIONS.get(op)
+    if functions is not None and not torch.compiler.is_compiling() and \
+            torch._C._get_tracing_state() is None and not torch.is_autocast_enabled():
+        if torch._C._are_functorch_transforms_active():
+            return functions[1].apply(*args)
+        if EAGER_AUTOGRAD and all(t is None or type(t) in _PLAIN_TENSORS for t in differentiable):
+            return functions[0].apply(*args)
     return op(*args)
 
 
@@ -84,8 +100,8 @@ def _refuse_double_backward(name):
             "ops have first-order gradients only); use torch.nn's module for higher-order "
             "gradients")
 
-    torch.library.register_autograd(f"timerec_fast::{name}", backward,
-                                    setup_context=lambda ctx, inputs, output: None)
+    register_autograd(getattr(_ops, name).default, backward,
+                      setup_context=lambda ctx, inputs, output: None)
 
 
 for _name in ("lstm_backward", "gru_backward", "time_lstm_backward", "tlstm_backward"):
@@ -162,9 +178,7 @@ def _lstm_backward(ctx, grad_out, grad_h_n, grad_c_n, _g_gates, _g_cells, _g_hpr
     )
 
 
-torch.library.register_autograd(
-    "timerec_fast::lstm_forward", _lstm_backward, setup_context=_lstm_setup_context)
-_lstm_eager = _eager_function(_ops.lstm_forward.default, _lstm_setup_context, _lstm_backward)
+register_autograd(_ops.lstm_forward.default, _lstm_backward, setup_context=_lstm_setup_context)
 
 
 def lstm_layer(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None,
@@ -172,7 +186,7 @@ def lstm_layer(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_h
     """One LSTM layer, one direction, over a packed sequence. Returns (output, h_n, c_n)."""
     args = (input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse)
     if _needs_autograd(args[:9]):
-        out, h_n, c_n, _, _, _ = call_op(_ops.lstm_forward.default, args, args[:9], _lstm_eager)
+        out, h_n, c_n, _, _, _ = call_op(_ops.lstm_forward.default, args, args[:9])
         return out, h_n, c_n
     # Nothing will be differentiated: the inference op saves no gates for a backward.
     with torch._C._AutoDispatchBelowAutograd():
@@ -219,15 +233,13 @@ def _gru_backward(ctx, grad_out, grad_h_n, _g_gates, _g_hn):
             d_b_ih if ctx.has_b_ih else None, d_b_hh if ctx.has_b_hh else None, None)
 
 
-torch.library.register_autograd(
-    "timerec_fast::gru_forward", _gru_backward, setup_context=_gru_setup_context)
-_gru_eager = _eager_function(_ops.gru_forward.default, _gru_setup_context, _gru_backward)
+register_autograd(_ops.gru_forward.default, _gru_backward, setup_context=_gru_setup_context)
 
 
 def gru_layer(input, batch_sizes, h0, w_ih, w_hh, b_ih=None, b_hh=None, reverse=False):
     """One GRU layer, one direction, over a packed sequence. Returns (output, h_n)."""
     args = (input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, reverse)
-    out, h_n, _, _ = call_op(_ops.gru_forward.default, args, args[:7], _gru_eager)
+    out, h_n, _, _ = call_op(_ops.gru_forward.default, args, args[:7])
     return out, h_n
 
 
@@ -275,18 +287,15 @@ def _time_lstm_backward(ctx, grad_out, grad_h_n, grad_c_n, *_saved_grads):
             d_bias if ctx.has_bias else None, d_peep, d_time_w, None, None)
 
 
-torch.library.register_autograd(
-    "timerec_fast::time_lstm_forward", _time_lstm_backward, setup_context=_time_lstm_setup_context)
-_time_lstm_eager = _eager_function(_ops.time_lstm_forward.default, _time_lstm_setup_context,
-                                  _time_lstm_backward)
+register_autograd(_ops.time_lstm_forward.default, _time_lstm_backward,
+                  setup_context=_time_lstm_setup_context)
 
 
 def time_lstm_layer(input, delta_t, batch_sizes, h0, c0, w_ih, w_hh, bias, peep, time_w, variant,
                     reverse=False):
     """One Time-LSTM layer (variant 1, 2 or 3), one direction. Returns (output, h_n, c_n)."""
     args = (input, delta_t, batch_sizes, h0, c0, w_ih, w_hh, bias, peep, time_w, variant, reverse)
-    out, h_n, c_n, _, _, _ = call_op(_ops.time_lstm_forward.default, args, args[:10],
-                                     _time_lstm_eager)
+    out, h_n, c_n, _, _, _ = call_op(_ops.time_lstm_forward.default, args, args[:10])
     return out, h_n, c_n
 
 
@@ -327,13 +336,11 @@ def _tlstm_backward(ctx, grad_out, grad_h_n, grad_c_n, *_saved_grads):
             d_bias if ctx.has_bias else None, d_w_d, d_b_d if ctx.has_b_d else None, None)
 
 
-torch.library.register_autograd(
-    "timerec_fast::tlstm_forward", _tlstm_backward, setup_context=_tlstm_setup_context)
-_tlstm_eager = _eager_function(_ops.tlstm_forward.default, _tlstm_setup_context, _tlstm_backward)
+register_autograd(_ops.tlstm_forward.default, _tlstm_backward, setup_context=_tlstm_setup_context)
 
 
 def tlstm_layer(input, delta_t, batch_sizes, h0, c0, w_ih, w_hh, bias, w_d, b_d, reverse=False):
     """One T-LSTM layer, one direction. Returns (output, h_n, c_n)."""
     args = (input, delta_t, batch_sizes, h0, c0, w_ih, w_hh, bias, w_d, b_d, reverse)
-    out, h_n, c_n, _, _, _ = call_op(_ops.tlstm_forward.default, args, args[:10], _tlstm_eager)
+    out, h_n, c_n, _, _, _ = call_op(_ops.tlstm_forward.default, args, args[:10])
     return out, h_n, c_n
