@@ -154,3 +154,35 @@ def test_torch_func_refusals_are_clear():
         torch.func.grad(lambda xx: torch.func.grad(lambda y: module(y)[0].sum())(xx).sum())(x)
     with pytest.raises(RuntimeError, match="vmap"):
         torch.func.vmap(lambda xx: module(xx)[0])(x.unsqueeze(0).expand(2, T, B, I))
+
+
+@pytest.mark.parametrize("how", ["anomaly", "checkpoint-reentrant", "checkpoint", "save_on_cpu"])
+def test_autograd_tools_see_the_eager_path(how):
+    """Anomaly mode, activation checkpointing (both kinds) and saved-tensor hooks work on the
+    eager path and give torch.nn's gradients."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(3)
+    ours = timerec_fast.LSTM(I, H, num_layers=2).double()
+    ref = torch.nn.LSTM(I, H, num_layers=2).double()
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(T, B, I, dtype=torch.float64)
+
+    def grads(module, tool):
+        xx = x.clone().requires_grad_()
+        if tool == "anomaly":
+            with torch.autograd.detect_anomaly():
+                module(xx)[0].sin().sum().backward()
+        elif tool.startswith("checkpoint"):
+            out = checkpoint(lambda t: module(t)[0], xx, use_reentrant=tool.endswith("reentrant"))
+            out.sin().sum().backward()
+        elif tool == "save_on_cpu":
+            with torch.autograd.graph.save_on_cpu():
+                out = module(xx)[0]
+            out.sin().sum().backward()
+        else:
+            module(xx)[0].sin().sum().backward()
+        return [xx.grad] + [p.grad for p in module.parameters()]
+
+    for a, b in zip(grads(ours, how), grads(ref, "plain")):
+        torch.testing.assert_close(a, b)
