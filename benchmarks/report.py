@@ -171,7 +171,7 @@ def plot(rows, out_dir):
     for (cell, mode), grp in sorted(groups.items()):
         shapes = sorted({(work(r), shape_label(r)) for r in grp})
         xpos = {label: k for k, (_, label) in enumerate(shapes)}
-        fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(shapes) + 3), 4.2))
+        fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(shapes) + 3), 5.0))
         by_series = defaultdict(list)
         for r in grp:
             by_series[series_name(r)].append(r)
@@ -189,12 +189,14 @@ def plot(rows, out_dir):
         ax.set_xticks(range(len(shapes)))
         ax.set_xticklabels([label for _, label in shapes], rotation=45, ha="right", fontsize=8)
         ax.set_ylabel("speedup vs reference (x)")
-        ax.set_title(f"{cell} {mode}: speedup against shape (dashed: reference / floor)")
-        ax.legend(fontsize=7)
+        ax.set_title(f"{cell} {mode}: speedup against shape (dashed: reference / floor)",
+                     fontsize=10)
+        # Below the axes: the series names (machine, threads, environment) are long.
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.45))
         ax.grid(True, which="both", alpha=0.3)
         fig.tight_layout()
         path = out_dir / f"{cell}-{mode}.png".replace(" ", "_").replace("/", "_")
-        fig.savefig(path, dpi=110)
+        fig.savefig(path, dpi=110, bbox_inches="tight")
         plt.close(fig)
         paths.append(path)
     return paths
