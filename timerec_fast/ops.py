@@ -73,13 +73,18 @@ def register_autograd(op, backward, setup_context):
 
 
 def call_op(op, args, differentiable):
-    """Runs op(*args): below autograd when nothing needs a gradient. Otherwise through one of the
-    op's own autograd.Functions (register_autograd above) where nothing else would see the
-    difference: not while compiling or tracing, nor under autocast (the CUDA ops' Autocast
-    kernel must run above autograd); eagerly only for plain tensors (a subclass may intercept
-    the op). Everything else takes the dispatcher's registered autograd."""
+    """Runs op(*args): below autograd when nothing needs a gradient, else _call_with_autograd."""
     if not _needs_autograd(differentiable):
         return _below_autograd(op, args)
+    return _call_with_autograd(op, args, differentiable)
+
+
+def _call_with_autograd(op, args, differentiable):
+    """op(*args) recorded by autograd: through one of the op's own autograd.Functions
+    (register_autograd above) where nothing else would see the difference: not while compiling
+    or tracing, nor under autocast (the CUDA ops' Autocast kernel must run above autograd);
+    eagerly only for plain tensors (a subclass may intercept the op). Everything else takes the
+    dispatcher's registered autograd."""
     functions = _FUNCTIONS.get(op)
     if functions is not None and not torch.compiler.is_compiling() and \
             torch._C._get_tracing_state() is None and not torch.is_autocast_enabled():
@@ -186,11 +191,10 @@ def lstm_layer(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_h
     """One LSTM layer, one direction, over a packed sequence. Returns (output, h_n, c_n)."""
     args = (input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse)
     if _needs_autograd(args[:9]):
-        out, h_n, c_n, _, _, _ = call_op(_ops.lstm_forward.default, args, args[:9])
+        out, h_n, c_n, _, _, _ = _call_with_autograd(_ops.lstm_forward.default, args, args[:9])
         return out, h_n, c_n
     # Nothing will be differentiated: the inference op saves no gates for a backward.
-    with torch._C._AutoDispatchBelowAutograd():
-        return tuple(_ops.lstm_inference.default(*args))
+    return tuple(_below_autograd(_ops.lstm_inference.default, args))
 
 
 # ---------------------------------------------------------------------------------------------

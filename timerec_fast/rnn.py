@@ -226,7 +226,23 @@ class _FusedRNNMixin:
         """Accepted for torch.nn compatibility; the fused ops need no flat weight buffer."""
 
 
-class LSTM(_FusedRNNMixin, nn.RNNBase):
+class _FusedRNNBase(_FusedRNNMixin, nn.RNNBase):
+    """What LSTM and GRU share on top of the mixin: torch.nn's own argument checks (the hidden
+    checks only for states the caller gave), and a forward that first re-reads the weights a
+    functional_call may have swapped in."""
+
+    def _check_args(self, x, hx, batch_sizes):
+        if hx is None:
+            self.check_input(x, batch_sizes)
+        else:
+            self.check_forward_args(x, hx, batch_sizes)
+
+    def forward(self, input, hx=None):
+        _refresh_flat_weights(self)
+        return self._fused_forward(input, hx)
+
+
+class LSTM(_FusedRNNBase):
     """Drop-in ``torch.nn.LSTM`` running on the fused whole-sequence ops.
 
     Same constructor, parameters (names, shapes, gate order i, f, g, o, initialisation), inputs,
@@ -248,21 +264,11 @@ class LSTM(_FusedRNNMixin, nn.RNNBase):
     def _state_sizes(self):
         return (self.proj_size if self.proj_size > 0 else self.hidden_size, self.hidden_size)
 
-    def _check_args(self, x, hx, batch_sizes):
-        if hx is None:
-            self.check_input(x, batch_sizes)
-        else:
-            self.check_forward_args(x, hx, batch_sizes)
-
     def _layer(self, x, batch_sizes, states, layer, direction, extra):
         out, h, c = ops.lstm_layer(x, batch_sizes, states[0], states[1],
                                    *_layer_weights(self, layer, direction),
                                    reverse=direction == 1)
         return out, (h, c)
-
-    def forward(self, input, hx=None):
-        _refresh_flat_weights(self)
-        return self._fused_forward(input, hx)
 
 
 def _cell_inputs(name, input, hx, hidden_size, num_states):
@@ -328,7 +334,7 @@ class LSTMCell(TorchLSTMCell):
         return h, c
 
 
-class GRU(_FusedRNNMixin, nn.RNNBase):
+class GRU(_FusedRNNBase):
     """Drop-in ``torch.nn.GRU`` running on the fused whole-sequence ops.
 
     Same constructor, parameters (gate order r, z, n), inputs and outputs as ``torch.nn.GRU``;
@@ -345,21 +351,11 @@ class GRU(_FusedRNNMixin, nn.RNNBase):
     def _state_sizes(self):
         return (self.hidden_size,)
 
-    def _check_args(self, x, hx, batch_sizes):
-        if hx is None:
-            self.check_input(x, batch_sizes)
-        else:
-            self.check_forward_args(x, hx, batch_sizes)
-
     def _layer(self, x, batch_sizes, states, layer, direction, extra):
         w_ih, w_hh, b_ih, b_hh, _ = _layer_weights(self, layer, direction)
         out, h = ops.gru_layer(x, batch_sizes, states[0], w_ih, w_hh, b_ih, b_hh,
                                reverse=direction == 1)
         return out, (h,)
-
-    def forward(self, input, hx=None):
-        _refresh_flat_weights(self)
-        return self._fused_forward(input, hx)
 
 
 class GRUCell(TorchGRUCell):
