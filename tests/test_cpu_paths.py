@@ -160,6 +160,39 @@ def test_lstm_inference_op_matches_forward():
     torch.library.opcheck(torch.ops.timerec_fast.lstm_inference.default, args)
 
 
+# The forward's recurrent product for at most 8 rows a step (RecurrentWeight::for_forward in
+# csrc/cpu/gate_panels.h): on W as stored (small_gemm_nt) for calls of up to 16 rows (batch 1 and 3
+# here), on a W^T copy for longer ones (batch 8), panels or BLAS above 8 rows (batch 9). Cells: the
+# GRU's small-batch loop, the LSTM with proj_size (W_hh and W_hr), the time cells. small_gemm_nt
+# works in blocks of 16 (fp32) or 8 (fp64) lanes: H = 37 leaves ragged output blocks and a scalar k
+# tail for both dtypes, H = 16 none, H = 5 no full vector at all. 1 thread keeps the GRU off panels.
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("hidden", [5, 16, 37])
+@pytest.mark.parametrize("batch", [1, 3, 8, 9])
+@pytest.mark.parametrize("cell", ["gru", "lstm-proj", "time_lstm1", "tlstm"])
+def test_recurrent_product_on_stored_weight(threads, dtype, hidden, batch, cell):
+    threads(1)
+    x = torch.randn(4, batch, 7, dtype=dtype, requires_grad=True)
+    if cell == "gru":
+        ours, ref = _pair(timerec_fast.GRU, torch.nn.GRU, dtype, input_size=7, hidden_size=hidden)
+        _check(ours, ref, x, TOL[dtype])
+    elif cell == "lstm-proj":
+        ours, ref = _pair(timerec_fast.LSTM, torch.nn.LSTM, dtype, input_size=7, hidden_size=hidden,
+                          proj_size=max(1, hidden - 2))
+        _check(ours, ref, x, TOL[dtype])
+    else:
+        torch.manual_seed(0)
+        m = timerec_fast.TimeLSTM(7, hidden, variant=cell, dtype=dtype)
+        dt = torch.rand(4, batch, dtype=dtype) * 3
+        got, want = m(x, dt), reference_cells.reference_time_lstm(m, x, dt)
+        for a, b in zip((got[0],) + got[1], (want[0],) + want[1]):
+            torch.testing.assert_close(a, b, **TOL[dtype])
+        grads = [torch.autograd.grad(o[0].square().sum() + o[1][1].sum(), [x] + list(m.parameters()))
+                 for o in (got, want)]
+        for a, b in zip(*grads):
+            torch.testing.assert_close(a, b, **TOL[dtype])
+
+
 # ---- Time-LSTM ---------------------------------------------------------------------------------
 # The time cells' per-step products run on packed panels for more than 8 rows a step (AVX-512 or,
 # when asked, AVX2) and on the small-GEMM kernel below; TIMEREC_CPU_GEMM=blas takes BLAS for both.

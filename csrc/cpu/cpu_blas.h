@@ -229,6 +229,114 @@ TRF_CPU_CLONES static void small_gemm(int64_t rows, int64_t k, int64_t n, const 
   small_gemm_impl<double>(rows, k, n, a, lda, w, ldw, c, ldc, accumulate);
 }
 
+// ---- small-batch product on W as PyTorch stores it ---------------------------------------------
+// C[rows x n] (= or +=) A[rows x k] @ W^T, W (n x k) row-major with leading dimension ldw: the
+// forward's recurrent product read straight from the weight, so no call pays for a W^T copy first
+// (~15 us for a (4H, H) fp32 weight at H = 128: the whole op at T = 1). Each output is a dot
+// product over k. L accumulators (one vector each; L = lanes, 16 fp32 or 8 fp64) hold R rows x
+// L / R outputs, and a transpose-and-add tree folds them into one vector of L results; k beyond
+// the last full vector is added in scalar.
+#if defined(__GNUC__) && !defined(__clang__)
+template <typename T> struct LaneIndex;
+template <> struct LaneIndex<float> { typedef int32_t type __attribute__((vector_size(64))); };
+template <> struct LaneIndex<double> { typedef int64_t type __attribute__((vector_size(64))); };
+
+// [pairwise sums of x's lanes | pairwise sums of y's lanes]
+template <typename T>
+TRF_ALWAYS_INLINE typename Vec64<T>::type fold_pairs(typename Vec64<T>::type x,
+                                                     typename Vec64<T>::type y) {
+  constexpr int L = Vec64<T>::lanes;
+  typename LaneIndex<T>::type even, odd;
+  for (int j = 0; j < L / 2; ++j) {
+    even[j] = 2 * j;
+    odd[j] = 2 * j + 1;
+    even[j + L / 2] = L + 2 * j;
+    odd[j + L / 2] = L + 2 * j + 1;
+  }
+  return __builtin_shuffle(x, y, even) + __builtin_shuffle(x, y, odd);
+}
+
+// Lane i of the result = the sum of v[i]'s lanes (v is overwritten).
+template <typename T>
+TRF_ALWAYS_INLINE typename Vec64<T>::type sum_each(typename Vec64<T>::type* v) {
+  constexpr int L = Vec64<T>::lanes;
+  for (int width = L; width > 1; width /= 2)
+    for (int i = 0; i < width / 2; ++i) v[i] = fold_pairs<T>(v[2 * i], v[2 * i + 1]);
+  return v[0];
+}
+#endif
+
+template <typename T, int R>
+TRF_ALWAYS_INLINE void small_gemm_nt_rows(const T* a, int64_t lda, const T* w, int64_t ldw,
+                                          int64_t k, int64_t n, T* c, int64_t ldc,
+                                          bool accumulate) {
+  using V = typename Vec64<T>::type;
+  constexpr int L = Vec64<T>::lanes;
+  constexpr int NB = L / R;  // outputs per row per block
+#if defined(__GNUC__) && !defined(__clang__)
+  const int64_t k_full = k - k % L;
+#else
+  const int64_t k_full = 0;
+#endif
+  for (int64_t n0 = 0; n0 < n; n0 += NB) {
+    const int64_t nb = std::min<int64_t>(NB, n - n0);
+    const T* wr[NB];  // a ragged last block repeats its last row and drops the extra results
+    for (int j = 0; j < NB; ++j) wr[j] = w + (n0 + std::min<int64_t>(j, nb - 1)) * ldw;
+    T sums[L] = {};
+#if defined(__GNUC__) && !defined(__clang__)
+    if (k_full > 0) {
+      V acc[L];  // acc[r * NB + j]: row r, output n0 + j
+      for (int i = 0; i < L; ++i) acc[i] = V{};
+      for (int64_t kk = 0; kk < k_full; kk += L) {
+        V av[R];
+        for (int r = 0; r < R; ++r) std::memcpy(&av[r], a + r * lda + kk, sizeof(V));
+        for (int j = 0; j < NB; ++j) {
+          V wv;
+          std::memcpy(&wv, wr[j] + kk, sizeof(V));
+          for (int r = 0; r < R; ++r) acc[r * NB + j] += av[r] * wv;
+        }
+      }
+      const V total = sum_each<T>(acc);
+      std::memcpy(sums, &total, sizeof(V));
+    }
+#endif
+    for (int r = 0; r < R; ++r)
+      for (int64_t j = 0; j < nb; ++j) {
+        T v = sums[r * NB + j];
+        for (int64_t kk = k_full; kk < k; ++kk) v += a[r * lda + kk] * wr[j][kk];
+        T* dst = c + r * ldc + n0 + j;
+        *dst = accumulate ? *dst + v : v;
+      }
+  }
+}
+
+template <typename T>
+TRF_ALWAYS_INLINE void small_gemm_nt_impl(int64_t rows, int64_t k, int64_t n, const T* a,
+                                          int64_t lda, const T* w, int64_t ldw, T* c, int64_t ldc,
+                                          bool accumulate) {
+  int64_t r = 0;
+  for (; r + 8 <= rows; r += 8)
+    small_gemm_nt_rows<T, 8>(a + r * lda, lda, w, ldw, k, n, c + r * ldc, ldc, accumulate);
+  for (; r + 4 <= rows; r += 4)
+    small_gemm_nt_rows<T, 4>(a + r * lda, lda, w, ldw, k, n, c + r * ldc, ldc, accumulate);
+  for (; r + 2 <= rows; r += 2)
+    small_gemm_nt_rows<T, 2>(a + r * lda, lda, w, ldw, k, n, c + r * ldc, ldc, accumulate);
+  for (; r < rows; ++r)
+    small_gemm_nt_rows<T, 1>(a + r * lda, lda, w, ldw, k, n, c + r * ldc, ldc, accumulate);
+}
+
+TRF_CPU_CLONES static void small_gemm_nt(int64_t rows, int64_t k, int64_t n, const float* a,
+                                         int64_t lda, const float* w, int64_t ldw, float* c,
+                                         int64_t ldc, bool accumulate) {
+  small_gemm_nt_impl<float>(rows, k, n, a, lda, w, ldw, c, ldc, accumulate);
+}
+
+TRF_CPU_CLONES static void small_gemm_nt(int64_t rows, int64_t k, int64_t n, const double* a,
+                                         int64_t lda, const double* w, int64_t ldw, double* c,
+                                         int64_t ldc, bool accumulate) {
+  small_gemm_nt_impl<double>(rows, k, n, a, lda, w, ldw, c, ldc, accumulate);
+}
+
 // Steps with at most this many rows use small_gemm instead of BLAS.
 constexpr int64_t kSmallGemmRows = 8;
 
@@ -242,6 +350,18 @@ void recurrent_gemm(int64_t rows, int64_t k, int64_t n, const T* a, int64_t lda,
     small_gemm(rows, k, n, a, lda, w_kn, n, c, ldc, accumulate);
   } else {
     gemm<T>(false, false, rows, n, k, T(1), a, lda, w_kn, n, accumulate ? T(1) : T(0), c, ldc);
+  }
+}
+
+// C (+)= A @ W^T with W (n x k) row-major as PyTorch stores it (the forward's recurrent product).
+template <typename T>
+void recurrent_gemm_nt(int64_t rows, int64_t k, int64_t n, const T* a, int64_t lda, const T* w_nk,
+                       T* c, int64_t ldc, bool accumulate) {
+  if (rows <= 0) return;
+  if (rows <= kSmallGemmRows) {
+    small_gemm_nt(rows, k, n, a, lda, w_nk, k, c, ldc, accumulate);
+  } else {
+    gemm<T>(false, true, rows, n, k, T(1), a, lda, w_nk, k, accumulate ? T(1) : T(0), c, ldc);
   }
 }
 

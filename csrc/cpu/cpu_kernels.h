@@ -119,30 +119,6 @@ void gather_prev_states(const Schedule& s, const T* all_rows, const T* init, int
   }
 }
 
-// The all-steps input projection x W^T + b. For float32, oneDNN's linear (the kernel behind
-// torch.nn.LSTM on the CPU) runs these tall-skinny GEMMs 10-20% faster than the BLAS path when the
-// build has it; everything else takes input_projection's at::addmm.
-// W^T as a new contiguous matrix, for the per-step products that take W as (K, N). A blocked
-// copy: ATen's strided copy took 40 us for a (384, 128) weight, most of a B = 1 forward.
-inline at::Tensor transposed(const at::Tensor& w) {
-  TORCH_CHECK(w.dim() == 2, "timerec_fast: transposed expects a matrix, got ", w.dim(), "-D");
-  const at::Tensor src = w.contiguous();
-  const int64_t rows = src.size(0), cols = src.size(1);
-  at::Tensor dst = at::empty({cols, rows}, src.options());
-  AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "timerec_fast_transposed", [&] {
-    const scalar_t* a = src.data_ptr<scalar_t>();
-    scalar_t* b = dst.data_ptr<scalar_t>();
-    constexpr int64_t kBlock = 16;
-    for (int64_t i0 = 0; i0 < rows; i0 += kBlock)
-      for (int64_t j0 = 0; j0 < cols; j0 += kBlock) {
-        const int64_t i1 = std::min(rows, i0 + kBlock), j1 = std::min(cols, j0 + kBlock);
-        for (int64_t j = j0; j < j1; ++j)
-          for (int64_t i = i0; i < i1; ++i) b[j * rows + i] = a[i * cols + j];
-      }
-  });
-  return dst;
-}
-
 inline void check_cpu_dtype(const at::Tensor& input, const char* op) {
   TORCH_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble,
               "timerec_fast.", op, " on the CPU supports float32 and float64, got ",

@@ -247,6 +247,67 @@ void pack_rows_into_panels(const T* w, int64_t Kw, int64_t k_off, const GatePane
   pack_rows_into_panels_scalar(w, Kw, k_off, p, u0, u1, dst);
 }
 
+#if TRF_HAVE_PANELS
+// dst (cols x rows) = src (rows x cols)^T, both row-major, in L x L register blocks (the same
+// permute network as the panel packing); ragged edges are copied one element at a time.
+template <typename T, typename I>
+TRF_ALWAYS_INLINE void transpose_matrix_zmm(const T* src, int64_t rows, int64_t cols, T* dst) {
+  constexpr int L = 64 / sizeof(T);
+  typedef T V __attribute__((vector_size(64)));
+  typedef T U __attribute__((vector_size(64), aligned(sizeof(T)), may_alias));
+  typedef I M __attribute__((vector_size(64)));
+  const int64_t rows_full = rows - rows % L, cols_full = cols - cols % L;
+  for (int64_t i0 = 0; i0 < rows_full; i0 += L)
+    for (int64_t j0 = 0; j0 < cols_full; j0 += L) {
+      V r[L];
+      for (int l = 0; l < L; ++l) r[l] = *reinterpret_cast<const U*>(src + (i0 + l) * cols + j0);
+      transpose_stage<T, L, 1, V, M>(r);
+      transpose_stage<T, L, 2, V, M>(r);
+      transpose_stage<T, L, 4, V, M>(r);
+      if constexpr (L == 16) transpose_stage<T, L, 8, V, M>(r);
+      for (int l = 0; l < L; ++l) *reinterpret_cast<U*>(dst + (j0 + l) * rows + i0) = r[l];
+    }
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = (i < rows_full ? cols_full : 0); j < cols; ++j)
+      dst[j * rows + i] = src[i * cols + j];
+}
+
+TRF_TARGET_AVX512 inline void transpose_matrix_avx512(const float* src, int64_t rows, int64_t cols,
+                                                      float* dst) {
+  transpose_matrix_zmm<float, int32_t>(src, rows, cols, dst);
+}
+TRF_TARGET_AVX512 inline void transpose_matrix_avx512(const double* src, int64_t rows,
+                                                      int64_t cols, double* dst) {
+  transpose_matrix_zmm<double, int64_t>(src, rows, cols, dst);
+}
+#endif
+
+// W^T as a new contiguous matrix (see RecurrentWeight::for_forward for when it is worth making).
+inline at::Tensor transposed(const at::Tensor& w) {
+  TORCH_CHECK(w.dim() == 2, "timerec_fast: transposed expects a matrix, got ", w.dim(), "-D");
+  const at::Tensor src = w.contiguous();
+  const int64_t rows = src.size(0), cols = src.size(1);
+  at::Tensor dst = at::empty({cols, rows}, src.options());
+  AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "timerec_fast_transposed", [&] {
+    const scalar_t* a = src.data_ptr<scalar_t>();
+    scalar_t* b = dst.data_ptr<scalar_t>();
+#if TRF_HAVE_PANELS
+    if (detected_panel_isa() == PanelIsa::kAvx512) {
+      transpose_matrix_avx512(a, rows, cols, b);
+      return;
+    }
+#endif
+    constexpr int64_t kBlock = 16;
+    for (int64_t i0 = 0; i0 < rows; i0 += kBlock)
+      for (int64_t j0 = 0; j0 < cols; j0 += kBlock) {
+        const int64_t i1 = std::min(rows, i0 + kBlock), j1 = std::min(cols, j0 + kBlock);
+        for (int64_t j = j0; j < j1; ++j)
+          for (int64_t i = i0; i < i1; ++i) b[j * rows + i] = a[i * cols + j];
+      }
+  });
+  return dst;
+}
+
 // The panels' geometry alone (no storage): what choose_panel_split needs to decide.
 inline GatePanels panel_geometry(int64_t K1, int64_t K2, int64_t H, int64_t gates, int lanes) {
   GatePanels p;
@@ -558,23 +619,59 @@ TRF_DEFINE_PANEL_GEMM(double)
 #undef TRF_DEFINE_PANEL_GEMM
 #endif
 
-// A per-step weight: W (k x n, row-major) for BLAS and the small-GEMM kernel, plus, when the
-// panel kernel is on, W^T packed. Build once per call with RecurrentWeight::prepare.
+// Panels pay off only for products of more than kSmallGemmRows rows (fewer take the small-GEMM
+// kernels on the plain matrix), so with at most that many rows per step packing them would only
+// copy W again.
+inline PanelIsa panel_isa_for_rows(int64_t max_rows) {
+  return max_rows > kSmallGemmRows ? panel_isa() : PanelIsa::kNone;
+}
+
+// A per-step right operand, built once per call: the plain matrix for BLAS and the small-GEMM
+// kernels, plus, when the panel kernel is on, its columns packed into panels. prepare takes it as
+// k x n (C = A @ W: the backward's W_hh); prepare_rows as n x k, the way PyTorch stores a weight
+// (C = A @ W^T: the forward's), packed straight from its rows so no W^T copy is ever made.
 template <typename T>
 struct RecurrentWeight {
-  at::Tensor kn;  // k x n contiguous
+  at::Tensor w;         // contiguous: k x n, or n x k when by_rows
+  bool by_rows = false;
   GatePanels panels;
   PanelIsa isa = PanelIsa::kNone;
 
   static RecurrentWeight prepare(const at::Tensor& w_kn, PanelIsa isa) {
     RecurrentWeight r;
-    r.kn = w_kn.contiguous();
+    r.w = w_kn.contiguous();
     r.isa = isa;
-    if (isa != PanelIsa::kNone)
-      r.panels = pack_kn_panels(r.kn, panel_lanes(isa, sizeof(T)));
+    if (isa != PanelIsa::kNone) r.panels = pack_kn_panels(r.w, panel_lanes(isa, sizeof(T)));
     return r;
   }
-  const T* data() const { return kn.data_ptr<T>(); }
+  static RecurrentWeight prepare_rows(const at::Tensor& w_nk, PanelIsa isa) {
+    RecurrentWeight r;
+    r.w = w_nk.contiguous();
+    r.by_rows = true;
+    r.isa = isa;
+    if (isa != PanelIsa::kNone) {
+      const int64_t n = r.w.size(0), k = r.w.size(1);
+      r.panels = panel_geometry(0, k, n, 1, panel_lanes(isa, sizeof(T)));
+      r.panels.storage = at::empty({r.panels.chunks, k, 1, r.panels.lanes}, r.w.options());
+      pack_rows_into_panels(r.w.data_ptr<T>(), k, 0, r.panels, 0, r.panels.chunks,
+                            r.panels.storage.template data_ptr<T>());
+    }
+    return r;
+  }
+  // The forward's W (n x k as stored) for a call with schedule s. More than kSmallGemmRows rows a
+  // step: panels (or BLAS) straight from the rows. Fewer: small_gemm_nt reads W as stored, or
+  // small_gemm reads a W^T copy made first. The copy costs 15-20 us for a (4H, H) fp32 W at
+  // H = 128 (most of a T = 1 call); small_gemm_nt then costs ~0.5-1.5 us more per step (it folds
+  // each block of outputs with a shuffle tree), measured at B = 1 and 4, T = 1 and 50, on the GRU,
+  // TimeLSTM and projected LSTM. So the copy is made for calls of more than 16 rows in all.
+  static RecurrentWeight for_forward(const at::Tensor& w_nk, const Schedule& s, PanelIsa isa) {
+    const bool few_rows = s.batch <= kSmallGemmRows;
+    const bool short_call = s.rows <= 16;
+    if (!few_rows) return prepare_rows(w_nk, isa);
+    if (short_call) return prepare_rows(w_nk, PanelIsa::kNone);
+    return prepare(transposed(w_nk), PanelIsa::kNone);
+  }
+  const T* data() const { return w.data_ptr<T>(); }
 };
 
 template <typename T>
@@ -590,7 +687,10 @@ void recurrent_gemm(int64_t rows, int64_t k, int64_t n, const T* a, int64_t lda,
     return;
   }
 #endif
-  recurrent_gemm<T>(rows, k, n, a, lda, w.data(), c, ldc, accumulate);
+  if (w.by_rows)
+    recurrent_gemm_nt<T>(rows, k, n, a, lda, w.data(), c, ldc, accumulate);
+  else
+    recurrent_gemm<T>(rows, k, n, a, lda, w.data(), c, ldc, accumulate);
 }
 
 }  // namespace timerec::cpu

@@ -91,9 +91,10 @@ TRF_DEFINE_GRU_ROWS(double)
 
 constexpr int64_t kMinRowsPerBlock = 8;
 
-// w_hh_t = W_hh^T (H x 3H); hg_scratch (B, 3H).
+// w_hh: W_hh (3H x H) for the product h W_hh^T; hg_scratch (B, 3H).
 template <typename T>
-void gru_forward_block(const Schedule& s, RowBlock blk, int64_t H, const T* w_hh_t, const T* b_hh,
+void gru_forward_block(const Schedule& s, RowBlock blk, int64_t H, const RecurrentWeight<T>& w_hh,
+                       const T* b_hh,
                        T* gates, T* hn, T* out, T* h_state, T* hg_scratch) {
   const int64_t G = 3 * H;
   T* hs = h_state + blk.lo * H;
@@ -103,7 +104,7 @@ void gru_forward_block(const Schedule& s, RowBlock blk, int64_t H, const T* w_hh
     const int64_t n = blk.rows_at(s, t);
     if (n == 0) continue;
     const int64_t off = s.offsets[t] + blk.lo;
-    recurrent_gemm<T>(n, H, G, hs, H, w_hh_t, hg, G, /*accumulate=*/false);
+    recurrent_gemm<T>(n, H, G, hs, H, w_hh, hg, G, /*accumulate=*/false);
     for_rows(n, G, [&](int64_t r0, int64_t r1) {
       gru_forward_rows(r0, r1, H, gates + off * G, hg, b_hh, hs, hn + off * H, out + off * H);
     });
@@ -286,10 +287,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_forward_cpu(
     return {out, h_state, gates, hn};
   }
   at::Tensor hg = at::empty({B, 3 * H}, opts);
-  at::Tensor w_hh_t = transposed(w_hh);
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "timerec_fast_gru_forward", [&] {
+    const auto w_hh_r = RecurrentWeight<scalar_t>::for_forward(w_hh, s, isa);
     for_blocks(split_batch(s, kMinRowsPerBlock), [&](RowBlock blk) {
-      gru_forward_block<scalar_t>(s, blk, H, w_hh_t.data_ptr<scalar_t>(),
+      gru_forward_block<scalar_t>(s, blk, H, w_hh_r,
                                   b_hh.has_value() ? b_hh_c.data_ptr<scalar_t>() : nullptr,
                                   gates.data_ptr<scalar_t>(), hn.data_ptr<scalar_t>(),
                                   out.data_ptr<scalar_t>(), h_state.data_ptr<scalar_t>(),
@@ -322,7 +323,7 @@ gru_backward_cpu(const c10::optional<at::Tensor>& grad_output,
   at::Tensor gates_c = gates.contiguous(), hn_c = hn.contiguous(), out_c = output.contiguous();
   at::Tensor h0_c = h0.contiguous(), w_hh_c = w_hh.contiguous();
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "timerec_fast_gru_backward", [&] {
-    const auto w_hh_r = RecurrentWeight<scalar_t>::prepare(w_hh_c, panel_isa());
+    const auto w_hh_r = RecurrentWeight<scalar_t>::prepare(w_hh_c, panel_isa_for_rows(B));
     for_blocks(split_batch(s, kMinRowsPerBlock), [&](RowBlock blk) {
       gru_backward_block<scalar_t>(s, blk, H, w_hh_r,
                                    gates_c.data_ptr<scalar_t>(), hn_c.data_ptr<scalar_t>(),

@@ -85,12 +85,12 @@ TRF_DEFINE_LSTM_ROWS(double)
 
 // ---- sequence loops --------------------------------------------------------------------------
 // Each loop runs the whole sequence for one block of batch rows (see split_batch).
-// Weights arrive row-major as the right operand: w_hh_t = W_hh^T (P x 4H), w_hr_t = W_hr^T (H x P)
-// in the forward; W_hh (4H x P) and W_hr (P x H) as they are in the backward.
+// The forward multiplies by W_hh^T and W_hr^T (RecurrentWeight::for_forward picks how to read
+// them); the backward by W_hh (4H x P) and W_hr (P x H) as they are stored.
 
 template <typename T>
-void lstm_forward_block(const Schedule& s, RowBlock blk, int64_t H, int64_t P, const T* w_hh_t,
-                        const T* w_hr_t, T* gates, T* cells, T* hpre, T* out, T* h_state,
+void lstm_forward_block(const Schedule& s, RowBlock blk, int64_t H, int64_t P,
+                        const RecurrentWeight<T>& w_hh, const RecurrentWeight<T>* w_hr, T* gates, T* cells, T* hpre, T* out, T* h_state,
                         T* c_state) {
   const int64_t G = 4 * H;
   T* hs = h_state + blk.lo * P;
@@ -101,26 +101,27 @@ void lstm_forward_block(const Schedule& s, RowBlock blk, int64_t H, int64_t P, c
     if (n == 0) continue;
     const int64_t off = s.offsets[t] + blk.lo;
     T* g = gates + off * G;
-    recurrent_gemm<T>(n, P, G, hs, P, w_hh_t, g, G, /*accumulate=*/true);  // g += h W_hh^T
-    T* h_dst = w_hr_t != nullptr ? hpre + off * H : out + off * P;
-    T* h_copy = w_hr_t != nullptr ? nullptr : hs;
+    recurrent_gemm<T>(n, P, G, hs, P, w_hh, g, G, /*accumulate=*/true);  // g += h W_hh^T
+    T* h_dst = w_hr != nullptr ? hpre + off * H : out + off * P;
+    T* h_copy = w_hr != nullptr ? nullptr : hs;
     for_rows(n, G, [&](int64_t r0, int64_t r1) {
       lstm_forward_rows(r0, r1, H, g, cs, cells + off * H, h_dst, h_copy);
     });
-    if (w_hr_t != nullptr) {  // h = (o * tanh(c)) W_hr^T
-      recurrent_gemm<T>(n, H, P, h_dst, H, w_hr_t, out + off * P, P, /*accumulate=*/false);
+    if (w_hr != nullptr) {  // h = (o * tanh(c)) W_hr^T
+      recurrent_gemm<T>(n, H, P, h_dst, H, *w_hr, out + off * P, P, /*accumulate=*/false);
       std::memcpy(hs, out + off * P, n * P * sizeof(T));
     }
   }
 }
 
 // Few rows and several threads (e.g. one sequence at inference): the batch cannot be split, so
-// the hidden units are. Each thread owns units [j0, j1): their four gate columns of W_hh^T (kept
+// the hidden units are. Each thread owns units [j0, j1): their four gate rows of W_hh (kept
 // in its own cache across steps), their cell state and their slice of h. One barrier per step;
 // h is double-buffered so a thread never overwrites the h another thread is still reading.
 // Only for padded input without projection (every row active at every step).
 template <typename T>
-void lstm_forward_unit_split(const Schedule& s, int64_t H, const T* w_hh_t, T* gates, T* cells,
+void lstm_forward_unit_split(const Schedule& s, int64_t H, const RecurrentWeight<T>& w_hh,
+                             T* gates, T* cells,
                              T* out, T* h_state, T* c_state, T* h_spare, int threads) {
   const int64_t G = 4 * H, B = s.batch;
 #pragma omp parallel num_threads(threads)
@@ -136,7 +137,12 @@ void lstm_forward_unit_split(const Schedule& s, int64_t H, const T* w_hh_t, T* g
       T* h_next = bufs[(k + 1) % 2];
       if (j1 > j0) {
         for (int64_t q = 0; q < 4; ++q)
-          small_gemm(B, H, j1 - j0, h_prev, H, w_hh_t + q * H + j0, G, g + q * H + j0, G, true);
+          if (w_hh.by_rows)  // rows q*H + [j0, j1) of W_hh, or the same columns of W_hh^T
+            small_gemm_nt(B, H, j1 - j0, h_prev, H, w_hh.data() + (q * H + j0) * H, H,
+                          g + q * H + j0, G, true);
+          else
+            small_gemm(B, H, j1 - j0, h_prev, H, w_hh.data() + q * H + j0, G, g + q * H + j0, G,
+                       true);
         lstm_forward_units(B, H, j0, j1, g, c_state, cells + off * H, out + off * H, h_next);
       }
 #pragma omp barrier
@@ -386,14 +392,13 @@ lstm_forward_impl(const at::Tensor& input, const at::Tensor& batch_sizes, const 
 
   // Input projection for every step at once, biases folded in.
   at::Tensor gates = cpu_input_projection(input, w_ih, b_ih, b_hh);
-  at::Tensor w_hh_t = transposed(w_hh);
-  at::Tensor w_hr_t = d.proj ? transposed(*w_hr) : at::Tensor();
 
   const int threads = unit_split_threads();
   if (use_unit_split(s, d.H, d.proj, threads)) {
     at::Tensor h_spare = at::empty_like(h_state);
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "timerec_fast_lstm_forward_units", [&] {
-      lstm_forward_unit_split<scalar_t>(s, d.H, w_hh_t.data_ptr<scalar_t>(),
+      lstm_forward_unit_split<scalar_t>(s, d.H,
+                                        RecurrentWeight<scalar_t>::for_forward(w_hh, s, PanelIsa::kNone),
                                         gates.data_ptr<scalar_t>(), cells.data_ptr<scalar_t>(),
                                         out.data_ptr<scalar_t>(), h_state.data_ptr<scalar_t>(),
                                         c_state.data_ptr<scalar_t>(),
@@ -402,9 +407,11 @@ lstm_forward_impl(const at::Tensor& input, const at::Tensor& batch_sizes, const 
     return {out, h_state, c_state, gates, cells, hpre};
   }
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "timerec_fast_lstm_forward", [&] {
+    using RW = RecurrentWeight<scalar_t>;
+    const RW w_hh_r = RW::for_forward(w_hh, s, PanelIsa::kNone);
+    const RW w_hr_r = d.proj ? RW::for_forward(*w_hr, s, PanelIsa::kNone) : RW();
     for_blocks(split_batch(s, kMinRowsPerBlock), [&](RowBlock blk) {
-      lstm_forward_block<scalar_t>(s, blk, d.H, d.P, w_hh_t.data_ptr<scalar_t>(),
-                                   d.proj ? w_hr_t.data_ptr<scalar_t>() : nullptr,
+      lstm_forward_block<scalar_t>(s, blk, d.H, d.P, w_hh_r, d.proj ? &w_hr_r : nullptr,
                                    gates.data_ptr<scalar_t>(), cells.data_ptr<scalar_t>(),
                                    d.proj ? hpre.data_ptr<scalar_t>() : nullptr,
                                    out.data_ptr<scalar_t>(), h_state.data_ptr<scalar_t>(),
@@ -447,7 +454,7 @@ lstm_backward_cpu(const c10::optional<at::Tensor>& grad_output,
 
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "timerec_fast_lstm_backward", [&] {
     // dh_{t-1} = dG_t W_hh on W_hh packed once (gate_panels.h), not re-read by BLAS every step.
-    const auto w_hh_r = RecurrentWeight<scalar_t>::prepare(w_hh_c, panel_isa());
+    const auto w_hh_r = RecurrentWeight<scalar_t>::prepare(w_hh_c, panel_isa_for_rows(d.B));
     for_blocks(split_batch(s, kMinRowsPerBlock), [&](RowBlock blk) {
       lstm_backward_block<scalar_t>(
           s, blk, d.H, d.P, w_hh_r,

@@ -293,7 +293,7 @@ TRF_DEFINE_TIME_ROWS(double)
 
 template <typename T>
 void time_lstm_forward_block(int variant, TimeLstmLayout L, const Schedule& s, RowBlock blk,
-                             int64_t H, const RecurrentWeight<T>& w_hh_t, const T* dt,
+                             int64_t H, const RecurrentWeight<T>& w_hh, const T* dt,
                              const T* peep,
                              const T* time_w, T* gates, T* cells, T* cts, T* out, T* h_state,
                              T* c_state) {
@@ -306,7 +306,7 @@ void time_lstm_forward_block(int variant, TimeLstmLayout L, const Schedule& s, R
     if (n == 0) continue;
     const int64_t off = s.offsets[t] + blk.lo;
     T* g = gates + off * G;
-    recurrent_gemm<T>(n, H, Gh, hs, H, w_hh_t, g, G, /*accumulate=*/true);
+    recurrent_gemm<T>(n, H, Gh, hs, H, w_hh, g, G, /*accumulate=*/true);
     for_rows(n, G, [&](int64_t r0, int64_t r1) {
       time_lstm_forward_rows(variant, L, r0, r1, H, g, dt + off, peep, time_w, cs, cells + off * H,
                              cts != nullptr ? cts + off * H : nullptr, out + off * H, hs);
@@ -340,7 +340,7 @@ void time_lstm_backward_block(int variant, TimeLstmLayout L, const Schedule& s, 
 
 template <typename T>
 void tlstm_forward_block(const Schedule& s, RowBlock blk, int64_t H,
-                         const RecurrentWeight<T>& w_hh_t, const RecurrentWeight<T>& w_d_t,
+                         const RecurrentWeight<T>& w_hh, const RecurrentWeight<T>& w_d,
                          const T* b_d, const T* dt, T* gates, T* cells, T* cs,
                          T* out, T* h_state, T* c_state) {
   const int64_t G = 4 * H;
@@ -352,8 +352,8 @@ void tlstm_forward_block(const Schedule& s, RowBlock blk, int64_t H,
     if (n == 0) continue;
     const int64_t off = s.offsets[t] + blk.lo;
     T* g = gates + off * G;
-    recurrent_gemm<T>(n, H, G, hs, H, w_hh_t, g, G, /*accumulate=*/true);
-    recurrent_gemm<T>(n, H, H, c, H, w_d_t, cs + off * H, H, /*accumulate=*/false);
+    recurrent_gemm<T>(n, H, G, hs, H, w_hh, g, G, /*accumulate=*/true);
+    recurrent_gemm<T>(n, H, H, c, H, w_d, cs + off * H, H, /*accumulate=*/false);
     for_rows(n, G, [&](int64_t r0, int64_t r1) {
       tlstm_forward_rows(r0, r1, H, g, cs + off * H, b_d, dt + off, c, cells + off * H,
                          out + off * H, hs);
@@ -415,10 +415,10 @@ time_lstm_forward_cpu(const at::Tensor& input, const at::Tensor& delta_t,
   at::Tensor out = at::empty({d.N, d.H}, opts);
   at::Tensor h_state = h0.clone(at::MemoryFormat::Contiguous);
   at::Tensor c_state = c0.clone(at::MemoryFormat::Contiguous);
-  at::Tensor w_hh_t = transposed(w_hh), dt = delta_t.contiguous();
+  at::Tensor dt = delta_t.contiguous();
   at::Tensor peep_c = peep.contiguous(), time_w_c = time_w.contiguous();
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "timerec_fast_time_lstm_forward", [&] {
-    const auto w_hh_r = RecurrentWeight<scalar_t>::prepare(w_hh_t, panel_isa());
+    const auto w_hh_r = RecurrentWeight<scalar_t>::for_forward(w_hh, s, panel_isa());
     for_blocks(split_batch(s, kMinRowsPerBlock), [&](RowBlock blk) {
       time_lstm_forward_block<scalar_t>(
           static_cast<int>(variant), L, s, blk, d.H, w_hh_r,
@@ -464,7 +464,7 @@ time_lstm_backward_cpu(const c10::optional<at::Tensor>& grad_output,
   const int64_t nb = static_cast<int64_t>(blocks.size());
   at::Tensor sums = at::zeros({nb, 6, H}, opts), scratch = at::empty({nb, H}, opts);
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "timerec_fast_time_lstm_backward", [&] {
-    const auto w_hh_r = RecurrentWeight<scalar_t>::prepare(w_hh_c, panel_isa());
+    const auto w_hh_r = RecurrentWeight<scalar_t>::prepare(w_hh_c, panel_isa_for_rows(d.B));
     for_blocks(blocks, [&](const RowBlock& blk) {
       const int64_t i = &blk - blocks.data();  // for_blocks passes the vector's own elements
       time_lstm_backward_block<scalar_t>(
@@ -505,12 +505,11 @@ tlstm_forward_cpu(const at::Tensor& input, const at::Tensor& delta_t,
   at::Tensor out = at::empty({d.N, d.H}, opts);
   at::Tensor h_state = h0.clone(at::MemoryFormat::Contiguous);
   at::Tensor c_state = c0.clone(at::MemoryFormat::Contiguous);
-  at::Tensor w_hh_t = transposed(w_hh), w_d_t = transposed(w_d);
   at::Tensor dt = delta_t.contiguous();
   at::Tensor b_d_c = b_d.has_value() ? b_d->contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "timerec_fast_tlstm_forward", [&] {
-    const auto w_hh_r = RecurrentWeight<scalar_t>::prepare(w_hh_t, panel_isa());
-    const auto w_d_r = RecurrentWeight<scalar_t>::prepare(w_d_t, panel_isa());
+    const auto w_hh_r = RecurrentWeight<scalar_t>::for_forward(w_hh, s, panel_isa());
+    const auto w_d_r = RecurrentWeight<scalar_t>::for_forward(w_d, s, panel_isa());
     for_blocks(split_batch(s, kMinRowsPerBlock), [&](RowBlock blk) {
       tlstm_forward_block<scalar_t>(
           s, blk, d.H, w_hh_r, w_d_r,
@@ -548,8 +547,8 @@ tlstm_backward_cpu(const c10::optional<at::Tensor>& grad_output,
   at::Tensor c0_c = c0.contiguous(), h0_c = h0.contiguous(), out_c = output.contiguous();
   at::Tensor w_hh_c = w_hh.contiguous(), w_d_c = w_d.contiguous(), dt = delta_t.contiguous();
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "timerec_fast_tlstm_backward", [&] {
-    const auto w_hh_r = RecurrentWeight<scalar_t>::prepare(w_hh_c, panel_isa());
-    const auto w_d_r = RecurrentWeight<scalar_t>::prepare(w_d_c, panel_isa());
+    const auto w_hh_r = RecurrentWeight<scalar_t>::prepare(w_hh_c, panel_isa_for_rows(d.B));
+    const auto w_d_r = RecurrentWeight<scalar_t>::prepare(w_d_c, panel_isa_for_rows(d.B));
     for_blocks(split_batch(s, kMinRowsPerBlock), [&](RowBlock blk) {
       tlstm_backward_block<scalar_t>(
           s, blk, H, w_hh_r, w_d_r,
