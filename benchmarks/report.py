@@ -65,11 +65,16 @@ def load_pytest_benchmark(doc, name):
 
 def load_cpu_report(doc, name):
     m = doc.get("meta", {})
-    device = f"CPU {m.get('machine', '?')} x{m.get('threads', '?')}"
-    if m.get("malloc_env"):  # e.g. glibc told to keep large blocks: no page faults for torch either
-        device += " " + " ".join(f"{k}={v}" for k, v in sorted(m["malloc_env"].items()))
+    # The CPU model when the file has it (older files: the architecture only), and the commit, so
+    # results from two machines or two versions never share a plot line.
+    device = f"CPU {m.get('cpu_model') or m.get('machine', '?')} x{m.get('threads', '?')}"
+    if m.get("commit"):
+        device += f" @{m['commit']}"
+    env = " ".join(f"{k}={v}" for k, v in sorted((m.get("malloc_env") or {}).items()))
+    if env:  # e.g. glibc told to keep large blocks: no page faults for torch either
+        device += " malloc env"
     meta = dict(kind="cpu_report", file=name, device=device, commit=m.get("commit", ""),
-                torch=m.get("torch", ""), gemm_gflops=m.get("gemm_gflops"))
+                torch=m.get("torch", ""), gemm_gflops=m.get("gemm_gflops"), env=env)
     rows = [_row(device, r["cell"], r["mode"], r["B"], r["T"], r["I"], r["H"], r["ms_ours"],
                  r["ms_ref"], dtype=r.get("dtype", "fp32"), ms_floor=r.get("ms_floor"),
                  speedup=r.get("speedup"))
@@ -136,7 +141,8 @@ def markdown(sources):
         facts = [f"torch {meta['torch']}" if meta.get("torch") else None,
                  f"commit `{meta['commit']}`" if meta.get("commit") else None,
                  f"csrc sha256 `{meta['csrc_sha256']}`" if meta.get("csrc_sha256") else None,
-                 f"GEMM {meta['gemm_gflops']:.1f} GFLOP/s" if meta.get("gemm_gflops") else None]
+                 f"GEMM {meta['gemm_gflops']:.1f} GFLOP/s" if meta.get("gemm_gflops") else None,
+                 f"environment `{meta['env']}`" if meta.get("env") else None]
         facts = [f for f in facts if f]
         if facts:
             out += [", ".join(facts), ""]
@@ -194,7 +200,8 @@ def plot(rows, out_dir):
         # Below the axes: the series names (machine, threads, environment) are long.
         ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.45))
         ax.grid(True, which="both", alpha=0.3)
-        fig.tight_layout()
+        # No tight_layout: it would shrink the axes to fit the legend; the tight bounding box at
+        # save time grows the image around it instead.
         path = out_dir / f"{cell}-{mode}.png".replace(" ", "_").replace("/", "_")
         fig.savefig(path, dpi=110, bbox_inches="tight")
         plt.close(fig)

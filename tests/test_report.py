@@ -91,3 +91,23 @@ def test_no_rows_is_an_error(report, tmp_path):
     path.write_text(json.dumps({"meta": {}, "rows": []}))
     with pytest.raises(SystemExit):
         report.main([str(path), "--out", str(tmp_path / "o")])
+
+
+def test_cpu_reports_from_two_machines_stay_apart(report, tmp_path):
+    # Same architecture string, different CPU models (and an older file without one): each gets
+    # its own device label, so tables and plot lines never merge them.
+    labels = set()
+    for name, model, commit in (("a.json", "AMD EPYC 9R14", "abc1234"),
+                                ("b.json", "Intel(R) Xeon(R) Processor", "abc1234"),
+                                ("c.json", None, "fff0000")):
+        doc = cpu_report_doc()
+        doc["meta"]["commit"] = commit
+        if model:
+            doc["meta"]["cpu_model"] = model
+        path = tmp_path / name
+        path.write_text(json.dumps(doc))
+        meta, rows = report.load(path)
+        assert {r["source"] for r in rows} == {meta["device"]}
+        labels.add(meta["device"])
+    assert labels == {"CPU AMD EPYC 9R14 x2 @abc1234", "CPU Intel(R) Xeon(R) Processor x2 @abc1234",
+                      "CPU x86_64 x2 @fff0000"}
