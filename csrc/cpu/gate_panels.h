@@ -187,6 +187,15 @@ TRF_ALWAYS_INLINE void transpose_stage(V* r) {
   }
 }
 
+// All stages: r[i] becomes column i of the L x L block whose rows were r[0..L).
+template <typename T, int L, typename V, typename M>
+TRF_ALWAYS_INLINE void transpose_block(V* r) {
+  transpose_stage<T, L, 1, V, M>(r);
+  transpose_stage<T, L, 2, V, M>(r);
+  transpose_stage<T, L, 4, V, M>(r);
+  if constexpr (L == 16) transpose_stage<T, L, 8, V, M>(r);
+}
+
 template <typename T, typename I>
 TRF_ALWAYS_INLINE void pack_rows_into_panels_zmm(const T* w, int64_t Kw, int64_t k_off,
                                                  const GatePanels& p, int64_t u0, int64_t u1,
@@ -207,10 +216,7 @@ TRF_ALWAYS_INLINE void pack_rows_into_panels_zmm(const T* w, int64_t Kw, int64_t
         for (; k0 + L <= Kw; k0 += L) {
           V r[L];
           for (int l = 0; l < L; ++l) r[l] = *reinterpret_cast<const U*>(src[l] + k0);
-          transpose_stage<T, L, 1, V, M>(r);
-          transpose_stage<T, L, 2, V, M>(r);
-          transpose_stage<T, L, 4, V, M>(r);
-          if constexpr (L == 16) transpose_stage<T, L, 8, V, M>(r);
+          transpose_block<T, L, V, M>(r);
           for (int l = 0; l < L; ++l) *reinterpret_cast<U*>(d + (k0 + l) * ld) = r[l];
         }
       }
@@ -261,10 +267,7 @@ TRF_ALWAYS_INLINE void transpose_matrix_zmm(const T* src, int64_t rows, int64_t 
     for (int64_t j0 = 0; j0 < cols_full; j0 += L) {
       V r[L];
       for (int l = 0; l < L; ++l) r[l] = *reinterpret_cast<const U*>(src + (i0 + l) * cols + j0);
-      transpose_stage<T, L, 1, V, M>(r);
-      transpose_stage<T, L, 2, V, M>(r);
-      transpose_stage<T, L, 4, V, M>(r);
-      if constexpr (L == 16) transpose_stage<T, L, 8, V, M>(r);
+      transpose_block<T, L, V, M>(r);
       for (int l = 0; l < L; ++l) *reinterpret_cast<U*>(dst + (j0 + l) * rows + i0) = r[l];
     }
   for (int64_t i = 0; i < rows; ++i)
