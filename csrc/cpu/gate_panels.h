@@ -632,7 +632,8 @@ inline PanelIsa panel_isa_for_rows(int64_t max_rows) {
 // A per-step right operand, built once per call: the plain matrix for BLAS and the small-GEMM
 // kernels, plus, when the panel kernel is on, its columns packed into panels. prepare takes it as
 // k x n (C = A @ W: the backward's W_hh); prepare_rows as n x k, the way PyTorch stores a weight
-// (C = A @ W^T: the forward's), packed straight from its rows so no W^T copy is ever made.
+// (C = A @ W^T: the forward's), its panels packed straight from the rows, without a W^T copy
+// (for_forward below picks between the two for the forward).
 template <typename T>
 struct RecurrentWeight {
   at::Tensor w;         // contiguous: k x n, or n x k when by_rows
