@@ -39,11 +39,14 @@ if ! "$VENV/bin/python" -c "import sys, torch; sys.exit(0 if torch.version.cuda 
     echo "$msg" >&2
     exit 0
   fi
-  [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+  made_venv=0
+  if [ ! -x "$VENV/bin/python" ]; then "$PY" -m venv "$VENV"; made_venv=1; fi
   log=$(mktemp)
   if ! "$VENV/bin/pip" install -q --no-cache-dir "$TORCH_SPEC" >"$log" 2>&1; then
     grep -v "WARNING: Location" "$log" >&2 || true
-    rm -rf "$VENV"  # a half-installed torch would only confuse the next run
+    # A venv made here with a half-installed torch would only confuse the next run; one that
+    # was given (TIMEREC_CUDA_VENV) is left alone.
+    if [ "$made_venv" = 1 ]; then rm -rf "$VENV"; fi
     if grep -q "No space left on device" "$log" && [ "${TIMEREC_CI_REQUIRE_CUDA:-0}" != 1 ]; then
       echo "ci_cuda_compile: SKIPPED: the disk filled up while pip installed $TORCH_SPEC (CUDA) into $VENV" >&2
       rm -f "$log"
