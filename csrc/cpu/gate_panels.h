@@ -653,11 +653,9 @@ struct RecurrentWeight {
     r.w = w_nk.contiguous();
     r.by_rows = true;
     r.isa = isa;
-    if (isa != PanelIsa::kNone) {
-      const int64_t n = r.w.size(0), k = r.w.size(1);
-      r.panels = panel_geometry(0, k, n, 1, panel_lanes(isa, sizeof(T)));
-      r.panels.storage = at::empty({r.panels.chunks, k, 1, r.panels.lanes}, r.w.options());
-      pack_rows_into_panels(r.w.data_ptr<T>(), k, 0, r.panels, 0, r.panels.chunks,
+    if (isa != PanelIsa::kNone) {  // W as one "gate" of n rows
+      r.panels = gate_panels_for(r.w, 1, r.w.size(0), panel_lanes(isa, sizeof(T)));
+      pack_rows_into_panels(r.w.data_ptr<T>(), r.w.size(1), 0, r.panels, 0, r.panels.chunks,
                             r.panels.storage.template data_ptr<T>());
     }
     return r;

@@ -90,8 +90,8 @@ TRF_DEFINE_LSTM_ROWS(double)
 
 template <typename T>
 void lstm_forward_block(const Schedule& s, RowBlock blk, int64_t H, int64_t P,
-                        const RecurrentWeight<T>& w_hh, const RecurrentWeight<T>* w_hr, T* gates, T* cells, T* hpre, T* out, T* h_state,
-                        T* c_state) {
+                        const RecurrentWeight<T>& w_hh, const RecurrentWeight<T>* w_hr, T* gates,
+                        T* cells, T* hpre, T* out, T* h_state, T* c_state) {
   const int64_t G = 4 * H;
   T* hs = h_state + blk.lo * P;
   T* cs = c_state + blk.lo * H;
@@ -397,8 +397,8 @@ lstm_forward_impl(const at::Tensor& input, const at::Tensor& batch_sizes, const 
   if (use_unit_split(s, d.H, d.proj, threads)) {
     at::Tensor h_spare = at::empty_like(h_state);
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "timerec_fast_lstm_forward_units", [&] {
-      lstm_forward_unit_split<scalar_t>(s, d.H,
-                                        RecurrentWeight<scalar_t>::for_forward(w_hh, s, PanelIsa::kNone),
+      const auto w_hh_r = RecurrentWeight<scalar_t>::for_forward(w_hh, s, PanelIsa::kNone);
+      lstm_forward_unit_split<scalar_t>(s, d.H, w_hh_r,
                                         gates.data_ptr<scalar_t>(), cells.data_ptr<scalar_t>(),
                                         out.data_ptr<scalar_t>(), h_state.data_ptr<scalar_t>(),
                                         c_state.data_ptr<scalar_t>(),
