@@ -24,7 +24,7 @@ import subprocess
 import torch
 
 import reference_pairs  # noqa: F401  (registers the TimeLSTM/ref pair)
-from timerec_fast import bench
+from timerec_fast import bench, info
 
 
 def main():
@@ -61,7 +61,7 @@ def main():
     if args.json:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                 text=True).stdout.strip()
-        meta = dict(machine=platform.processor() or platform.machine(), cpu_model=_cpu_model(),
+        meta = dict(machine=platform.processor() or platform.machine(), cpu_model=info.cpu_model(),
                     threads=args.threads,
                     torch=torch.__version__, commit=commit, gemm_gflops=rate / 1e9,
                     runs=len(runs), gemm_gflops_runs=[round(r / 1e9, 1) for r in rates],
@@ -70,18 +70,6 @@ def main():
         with open(args.json, "w") as f:
             json.dump(dict(meta=meta, rows=rows), f, indent=1)
         print(f"wrote {args.json}")
-
-
-def _cpu_model():
-    """The CPU's model name (Linux /proc/cpuinfo), so results from different machines stay apart."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":

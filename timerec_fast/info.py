@@ -17,18 +17,27 @@ _VECTOR_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", 
                  "asimd", "sve", "sve2")
 
 
-def cpu_vector_features():
-    flags = set()
+def _cpuinfo_value(*keys):
+    """The first /proc/cpuinfo value under one of keys (Linux), or None."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 key, _, value = line.partition(":")
-                if key.strip() in ("flags", "Features"):
-                    flags.update(value.split())
-                    break
+                if key.strip() in keys:
+                    return value.strip()
     except OSError:
         pass
+    return None
+
+
+def cpu_vector_features():
+    flags = set((_cpuinfo_value("flags", "Features") or "").split())
     return [f for f in _VECTOR_FLAGS if f in flags]
+
+
+def cpu_model():
+    """The CPU's model name, or the architecture where /proc/cpuinfo does not say."""
+    return _cpuinfo_value("model name") or platform.processor() or platform.machine()
 
 
 def _has_kernel(op, key):
