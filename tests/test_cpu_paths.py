@@ -88,7 +88,8 @@ FUSED_CASES = {
     "few-rows": dict(batch=3, hidden=40, lengths=(2, 9)),
     "gru-fused-min": dict(batch=9, hidden=40, lengths=(2, 9)),
     # A row or two per step but enough work per step to split by units over 2 threads (the GRU
-    # takes the panels below 9 rows only then).
+    # takes the panels below 9 rows only then; the LSTM's threads first project the input onto
+    # their own units, with the panel kernel instead of one BLAS GEMM).
     "few-rows-units": dict(batch=2, hidden=120, lengths=(2, 9)),
     # Split by batch rows with panels of 256-384 KB (the LSTM's in fp32): every thread packs a
     # share of the chunks before the loop.
