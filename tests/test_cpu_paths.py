@@ -84,7 +84,9 @@ def test_batch_split_packed(threads, cls, ref_cls, batch):
 # default where the CPU has it), AVX2, or the BLAS loop.
 FUSED_CASES = {
     "fused-input": dict(batch=40, hidden=24, lengths=(9, 20)),
-    "unit-split": dict(batch=20, hidden=200, lengths=(3, 6)),
+    # Panels of >= 1.1 MB (fp32): split by units on any core with up to 2 MB of L2 (the rule is W
+    # >= half the core's L2 share, csrc/cpu/gate_panels.h).
+    "unit-split": dict(batch=20, hidden=264, lengths=(3, 6)),
     "few-rows": dict(batch=3, hidden=40, lengths=(2, 9)),
     "gru-fused-min": dict(batch=9, hidden=40, lengths=(2, 9)),
     # A row or two per step but enough work per step to split by units over 2 threads (the GRU
