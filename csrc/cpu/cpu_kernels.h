@@ -103,19 +103,28 @@ PrevRows<T> prev_rows(const Schedule& s, int64_t k, const T* all_rows, const T* 
 }
 
 // (N, width) matrix of the state each row started its step from: the right operand of the
-// recurrent-weight gradient GEMM dW_hh = dGates^T @ prev.
+// recurrent-weight gradient GEMM dW_hh = dGates^T @ prev. Rows of out are ld_out apart (ld_out >
+// width: prev fills columns of a wider matrix, e.g. beside the input for one [x, h] GEMM).
 template <typename T>
 void gather_prev_states(const Schedule& s, const T* all_rows, const T* init, int64_t width,
-                        T* out) {
+                        T* out, int64_t ld_out = 0) {
+  const int64_t ld = ld_out > 0 ? ld_out : width;
+  const size_t row_bytes = width * sizeof(T);
   for (int64_t k = 0; k < s.steps; ++k) {
     const int64_t t = s.time_at(k);
     const auto prev = prev_rows(s, k, all_rows, init, width);
-    T* dst = out + s.offsets[t] * width;
+    T* dst = out + s.offsets[t] * ld;
     const int64_t bs = s.batch_sizes[t];
-    if (prev.carried > 0) std::memcpy(dst, prev.carried_block, prev.carried * width * sizeof(T));
-    if (bs > prev.carried)
-      std::memcpy(dst + prev.carried * width, init + prev.carried * width,
-                  (bs - prev.carried) * width * sizeof(T));
+    if (ld == width) {
+      if (prev.carried > 0) std::memcpy(dst, prev.carried_block, prev.carried * row_bytes);
+      if (bs > prev.carried)
+        std::memcpy(dst + prev.carried * width, init + prev.carried * width,
+                    (bs - prev.carried) * row_bytes);
+      continue;
+    }
+    for (int64_t b = 0; b < bs; ++b)
+      std::memcpy(dst + b * ld, b < prev.carried ? prev.carried_block + b * width : init + b * width,
+                  row_bytes);
   }
 }
 
