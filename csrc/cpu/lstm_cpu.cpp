@@ -10,6 +10,7 @@
 #include "cpu_kernels.h"
 #include "workspace.h"
 #include "gate_panels.h"
+#include "vec_activations.h"
 
 namespace timerec::cpu {
 namespace {
@@ -282,6 +283,39 @@ struct LstmFusedEpilogue {
   }
 };
 
+#if TRF_HAVE_PANELS
+// The epilogue above for fp32 on AVX-512: full 16-unit chunks through vec::lstm_cell_forward16
+// (csrc/cpu/vec_activations.h), a partial last chunk through the scalar loop. Not always_inline:
+// a target-specific callee cannot be forced into panel_step, which has no target of its own;
+// GCC inlines it once panel_step sits in the AVX-512 loop.
+struct LstmFusedEpilogueAvx512 {
+  const LstmFusedEpilogue<float>* scalar;
+  TRF_TARGET_AVX512 void operator()(int64_t b0, int64_t b1, int64_t j0, int64_t j1) const {
+    constexpr int64_t L = 16;
+    if (j1 - j0 != L) {
+      (*scalar)(b0, b1, j0, j1);
+      return;
+    }
+    const int64_t H = scalar->H;
+    for (int64_t b = b0; b < b1; ++b) {
+      float* g = scalar->rows->dst(b) + j0;
+      float* cs = scalar->c_state + b * H + j0;
+      __m512 i = _mm512_loadu_ps(g), f = _mm512_loadu_ps(g + H);
+      __m512 gg = _mm512_loadu_ps(g + 2 * H), o = _mm512_loadu_ps(g + 3 * H);
+      __m512 c, h;
+      vec::lstm_cell_forward16(i, f, gg, o, _mm512_loadu_ps(cs), c, h);
+      _mm512_storeu_ps(g, i);
+      _mm512_storeu_ps(g + H, f);
+      _mm512_storeu_ps(g + 2 * H, gg);
+      _mm512_storeu_ps(g + 3 * H, o);
+      _mm512_storeu_ps(cs, c);
+      if (scalar->cells != nullptr) _mm512_storeu_ps(scalar->cells + b * H + j0, c);
+      _mm512_storeu_ps(scalar->out + b * H + j0, h);
+    }
+  }
+};
+#endif
+
 template <PanelIsa Isa, typename T>
 TRF_ALWAYS_INLINE void lstm_fused_loop_impl(const LstmFusedArgs<T>& A, int64_t b0, int64_t b1,
                                             int64_t u0, int64_t u1, bool barrier) {
@@ -319,7 +353,13 @@ TRF_ALWAYS_INLINE void lstm_fused_loop_impl(const LstmFusedArgs<T>& A, int64_t b
       const LstmFusedEpilogue<T> epi{&rows, H, A.c_state,
                                      A.cells != nullptr ? A.cells + off * H : nullptr,
                                      A.out + off * H};
-      panel_step<Isa, T, 4>(b0, e, u0, u1, w, packed, rows, H, H, epi);
+#if TRF_HAVE_PANELS
+      if constexpr (Isa == PanelIsa::kAvx512 && std::is_same_v<T, float>)
+        panel_step<Isa, T, 4>(b0, e, u0, u1, w, packed, rows, H, H,
+                              LstmFusedEpilogueAvx512{&epi});
+      else
+#endif
+        panel_step<Isa, T, 4>(b0, e, u0, u1, w, packed, rows, H, H, epi);
     }
     if (barrier) {
 #pragma omp barrier

@@ -19,21 +19,34 @@
 namespace timerec {
 
 #if !defined(__CUDA_ARCH__)
+// Constants of the host float polynomials, also used by their AVX-512 versions
+// (csrc/cpu/vec_activations.h).
+namespace poly {
+constexpr float kExpHi = 88.0f, kExpLo = -87.0f;  // exp's input clamp
+constexpr float kLog2e = 1.44269504088896341f;
+constexpr float kLn2Hi = 0.693359375f, kLn2Lo = 2.12194440e-4f;  // ln 2 = kLn2Hi - kLn2Lo
+// e^r = 1 + r + r^2 (kExp[5] + r (kExp[4] + ... + r kExp[0]))
+constexpr float kExp[6] = {1.9875691500E-4f, 1.3981999507E-3f, 8.3334519073E-3f,
+                           4.1665795894E-2f, 1.6666665459E-1f, 5.0000001201E-1f};
+constexpr float kTanhSmall = 0.625f;  // below: the odd polynomial, tanh(x) = x + x z P(z)
+constexpr float kTanh[5] = {-5.70498872745E-3f, 2.06390887954E-2f, -5.37397155531E-2f,
+                            1.33314422036E-1f, -3.33332819422E-1f};
+}  // namespace poly
+
 // exp(x) for float, vectorizable: range reduction x = n ln2 + r, degree-6 polynomial for e^r.
 inline __attribute__((always_inline)) float exp_poly(float x) {
-  const float hi = 88.0f, lo = -87.0f;
-  float xc = x > hi ? hi : x;  // comparisons written so NaN passes through unchanged
-  xc = xc < lo ? lo : xc;
+  float xc = x > poly::kExpHi ? poly::kExpHi : x;  // comparisons written so NaN passes through
+  xc = xc < poly::kExpLo ? poly::kExpLo : xc;
   // Round to nearest with the 1.5 * 2^23 trick: vectorizes on any SSE level, unlike floorf.
   const float magic = 12582912.0f;
-  float fx = (xc * 1.44269504088896341f + magic) - magic;
-  float r = xc - fx * 0.693359375f + fx * 2.12194440e-4f;
-  float y = 1.9875691500E-4f;
-  y = y * r + 1.3981999507E-3f;
-  y = y * r + 8.3334519073E-3f;
-  y = y * r + 4.1665795894E-2f;
-  y = y * r + 1.6666665459E-1f;
-  y = y * r + 5.0000001201E-1f;
+  float fx = (xc * poly::kLog2e + magic) - magic;
+  float r = xc - fx * poly::kLn2Hi + fx * poly::kLn2Lo;
+  float y = poly::kExp[0];
+  y = y * r + poly::kExp[1];
+  y = y * r + poly::kExp[2];
+  y = y * r + poly::kExp[3];
+  y = y * r + poly::kExp[4];
+  y = y * r + poly::kExp[5];
   y = y * r * r + r + 1.0f;
   int32_t bits = (static_cast<int32_t>(fx) + 127) << 23;
   float pow2n;
@@ -46,12 +59,12 @@ inline __attribute__((always_inline)) float tanh_poly(float x) {
   float ax = std::fabs(x);
   // |x| < 0.625: odd polynomial (no cancellation near 0); else 1 - 2/(e^{2|x|}+1) with the sign.
   float z = x * x;
-  float small = ((((-5.70498872745E-3f * z + 2.06390887954E-2f) * z - 5.37397155531E-2f) * z +
-                  1.33314422036E-1f) * z - 3.33332819422E-1f) * z * x + x;
+  float small = ((((poly::kTanh[0] * z + poly::kTanh[1]) * z + poly::kTanh[2]) * z +
+                  poly::kTanh[3]) * z + poly::kTanh[4]) * z * x + x;
   float e = exp_poly(2.0f * ax);
   float large = 1.0f - 2.0f / (e + 1.0f);
   large = x < 0.0f ? -large : large;
-  float result = ax < 0.625f ? small : large;
+  float result = ax < poly::kTanhSmall ? small : large;
   return x != x ? x : result;
 }
 #endif
