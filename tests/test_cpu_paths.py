@@ -151,19 +151,25 @@ def test_more_threads_than_cpus(threads, cls, ref_cls):
 
 @pytest.mark.parametrize("scale", [1.0, 60.0])
 @pytest.mark.parametrize("grad", [False, True])
-def test_lstm_fused_gate_math_fp32(threads, scale, grad):
-    """The fp32 fused forward's gate math on whole 16-unit chunks (the AVX-512 epilogue of
+@pytest.mark.parametrize("cls,ref_cls", [(timerec_fast.LSTM, torch.nn.LSTM),
+                                         (timerec_fast.GRU, torch.nn.GRU)])
+def test_fused_gate_math_fp32(threads, scale, grad, cls, ref_cls):
+    """The fp32 fused forward's gate math on whole 16-unit chunks (the AVX-512 epilogues of
     csrc/cpu/vec_activations.h where the CPU has it; H = 40 also leaves a partial chunk): ordinary
     and saturating pre-activations (|x| up to the hundreds), and a NaN that must poison exactly
-    what it poisons in torch.nn.LSTM."""
+    what it poisons in torch.nn."""
     threads(1)
-    ours, ref = _pair(timerec_fast.LSTM, torch.nn.LSTM, torch.float32, input_size=8, hidden_size=40)
+    ours, ref = _pair(cls, ref_cls, torch.float32, input_size=8, hidden_size=40)
     g = torch.Generator().manual_seed(3)
     x = torch.randn(6, 12, 8, generator=g) * scale
     x[3, 5, 2] = float("nan")
     with torch.set_grad_enabled(grad):
         outs = [m(x) for m in (ours, ref)]
-    for a, b in zip([outs[0][0], *outs[0][1]], [outs[1][0], *outs[1][1]]):
+
+    def flat(o):
+        return [o[0], *(o[1] if isinstance(o[1], tuple) else (o[1],))]
+
+    for a, b in zip(flat(outs[0]), flat(outs[1])):
         assert torch.equal(torch.isnan(a), torch.isnan(b))
         keep = ~torch.isnan(b)
         assert keep.any()

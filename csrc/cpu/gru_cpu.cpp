@@ -7,6 +7,7 @@
 #include "cpu_blas.h"
 #include "cpu_kernels.h"
 #include "gate_panels.h"
+#include "vec_activations.h"
 #include "workspace.h"
 
 namespace timerec::cpu {
@@ -168,6 +169,10 @@ struct GruFusedEpilogue {
   int64_t H;
   T *g, *hn, *out;  // rows of this step
   TRF_ALWAYS_INLINE void operator()(int64_t b0, int64_t b1, int64_t j0, int64_t j1) const {
+    cells(b0, b1, j0, j1);
+    prefetch_next(b0, b1, j0);
+  }
+  TRF_ALWAYS_INLINE void cells(int64_t b0, int64_t b1, int64_t j0, int64_t j1) const {
     for (int64_t b = b0; b < b1; ++b) {
       T* x = g + b * 3 * H;
       const T* hg = rows->dst(b);
@@ -181,11 +186,13 @@ struct GruFusedEpilogue {
         hnb[j] = hnj;
       }
     }
-    // The next row tile's lines of this unit chunk: its gate rows come from the input projection
-    // (long out of cache) and its hn/out rows are written afresh. Fetching them now overlaps the
-    // misses with that tile's K loop: perf put half of this loop's samples in the epilogue, on
-    // those loads. Forward, B = 256, T = 50, 2 threads, Xeon: H = 128 1.10-1.13x, H = 64
-    // 0.96-1.01x (the same process alternating with and without).
+  }
+  // The next row tile's lines of this unit chunk: its gate rows come from the input projection
+  // (long out of cache) and its hn/out rows are written afresh. Fetching them now overlaps the
+  // misses with that tile's K loop: perf put half of this loop's samples in the epilogue, on
+  // those loads. Forward, B = 256, T = 50, 2 threads, Xeon: H = 128 1.10-1.13x, H = 64
+  // 0.96-1.01x (the same process alternating with and without).
+  TRF_ALWAYS_INLINE void prefetch_next(int64_t b0, int64_t b1, int64_t j0) const {
     for (int64_t b = b1; b < 2 * b1 - b0; ++b) {
       __builtin_prefetch(g + b * 3 * H + j0, 1);
       __builtin_prefetch(g + b * 3 * H + H + j0, 1);
@@ -195,6 +202,38 @@ struct GruFusedEpilogue {
     }
   }
 };
+
+#if TRF_HAVE_PANELS
+// The epilogue above for fp32 on AVX-512: full 16-unit chunks through vec::gru_cell_forward16
+// (csrc/cpu/vec_activations.h), a partial last chunk through the scalar cells. Not always_inline,
+// for the reason given at LstmFusedEpilogueAvx512 (lstm_cpu.cpp).
+struct GruFusedEpilogueAvx512 {
+  const GruFusedEpilogue<float>* scalar;
+  TRF_TARGET_AVX512 void operator()(int64_t b0, int64_t b1, int64_t j0, int64_t j1) const {
+    const GruFusedEpilogue<float>& e = *scalar;
+    const int64_t H = e.H;
+    if (j1 - j0 != 16) {
+      e.cells(b0, b1, j0, j1);
+    } else {
+      for (int64_t b = b0; b < b1; ++b) {
+        float* x = e.g + b * 3 * H + j0;
+        const float* hg = e.rows->dst(b) + j0;
+        const __m512 hn = _mm512_loadu_ps(hg + 2 * H);
+        __m512 r = _mm512_loadu_ps(x), z = _mm512_loadu_ps(x + H), n = _mm512_loadu_ps(x + 2 * H);
+        const __m512 h = vec::gru_cell_forward16(r, z, n, _mm512_loadu_ps(hg),
+                                                 _mm512_loadu_ps(hg + H), hn,
+                                                 _mm512_loadu_ps(e.rows->prev.row(b) + j0));
+        _mm512_storeu_ps(x, r);
+        _mm512_storeu_ps(x + H, z);
+        _mm512_storeu_ps(x + 2 * H, n);
+        _mm512_storeu_ps(e.hn + b * H + j0, hn);
+        _mm512_storeu_ps(e.out + b * H + j0, h);
+      }
+    }
+    e.prefetch_next(b0, b1, j0);
+  }
+};
+#endif
 
 template <PanelIsa Isa, typename T>
 TRF_ALWAYS_INLINE void gru_fused_loop_impl(const GruFusedArgs<T>& A, int64_t b0, int64_t b1,
@@ -210,7 +249,13 @@ TRF_ALWAYS_INLINE void gru_fused_loop_impl(const GruFusedArgs<T>& A, int64_t b0,
       const GruFusedRows<T> rows{prev_rows(s, k, static_cast<const T*>(A.out), A.h0, H),
                                  scratch.data(), G, A.b_hh};
       const GruFusedEpilogue<T> epi{&rows, H, A.gates + off * G, A.hn + off * H, A.out + off * H};
-      panel_step<Isa, T, 3>(b0, e, u0, u1, *A.w, A.packed, rows, H, H, epi);
+#if TRF_HAVE_PANELS
+      if constexpr (Isa == PanelIsa::kAvx512 && std::is_same_v<T, float>)
+        panel_step<Isa, T, 3>(b0, e, u0, u1, *A.w, A.packed, rows, H, H,
+                              GruFusedEpilogueAvx512{&epi});
+      else
+#endif
+        panel_step<Isa, T, 3>(b0, e, u0, u1, *A.w, A.packed, rows, H, H, epi);
     }
     if (barrier) {
 #pragma omp barrier
