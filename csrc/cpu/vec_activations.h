@@ -28,21 +28,25 @@ namespace timerec::cpu::vec {
 #define TRF_VEC_INLINE \
   __attribute__((target("avx512f,avx512dq"), always_inline)) inline
 
+// All lanes. The zero-masked forms of min/max/rcp14/scalef/roundscale are used because GCC 12's
+// unmasked ones pass _mm512_undefined_ps() through and warn -Wmaybe-uninitialized at every use.
+constexpr __mmask16 kAll = 0xFFFF;
+
 TRF_VEC_INLINE __m512 exp16(__m512 x) {
-  __m512 xc = _mm512_min_ps(_mm512_set1_ps(poly::kExpHi), x);
-  xc = _mm512_max_ps(_mm512_set1_ps(poly::kExpLo), xc);
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(poly::kLog2e)),
+  __m512 xc = _mm512_maskz_min_ps(kAll, _mm512_set1_ps(poly::kExpHi), x);
+  xc = _mm512_maskz_max_ps(kAll, _mm512_set1_ps(poly::kExpLo), xc);
+  const __m512 n = _mm512_maskz_roundscale_ps(kAll, _mm512_mul_ps(xc, _mm512_set1_ps(poly::kLog2e)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(poly::kLn2Hi), xc);
   r = _mm512_fmadd_ps(n, _mm512_set1_ps(poly::kLn2Lo), r);
   __m512 y = _mm512_set1_ps(poly::kExp[0]);
   for (int i = 1; i < 6; ++i) y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(poly::kExp[i]));
   y = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(y, r), r, r), _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(y, n);
+  return _mm512_maskz_scalef_ps(kAll, y, n);
 }
 
 TRF_VEC_INLINE __m512 recip16(__m512 d) {
-  const __m512 r = _mm512_rcp14_ps(d);
+  const __m512 r = _mm512_maskz_rcp14_ps(kAll, d);
   return _mm512_fmadd_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(1.0f)), r);
 }
 
@@ -51,7 +55,8 @@ TRF_VEC_INLINE __m512 recip16(__m512 d) {
 // -87 (results < 1.7e-38 there, the scalar code's are < 1e-38), tanh's |x| above 20 (tanh is
 // 1.0f from |x| > 9.1 on).
 TRF_VEC_INLINE __m512 sigmoid16(__m512 x) {
-  const __m512 neg_x = _mm512_sub_ps(_mm512_setzero_ps(), _mm512_max_ps(_mm512_set1_ps(-87.0f), x));
+  const __m512 x_min = _mm512_maskz_max_ps(kAll, _mm512_set1_ps(-87.0f), x);
+  const __m512 neg_x = _mm512_sub_ps(_mm512_setzero_ps(), x_min);
   return recip16(_mm512_add_ps(_mm512_set1_ps(1.0f), exp16(neg_x)));
 }
 
@@ -62,7 +67,7 @@ TRF_VEC_INLINE __m512 tanh16(__m512 x) {
   __m512 p = _mm512_set1_ps(poly::kTanh[0]);
   for (int i = 1; i < 5; ++i) p = _mm512_fmadd_ps(p, z, _mm512_set1_ps(poly::kTanh[i]));
   const __m512 small = _mm512_fmadd_ps(_mm512_mul_ps(p, z), x, x);
-  const __m512 e = exp16(_mm512_min_ps(_mm512_set1_ps(40.0f), _mm512_add_ps(ax, ax)));
+  const __m512 e = exp16(_mm512_maskz_min_ps(kAll, _mm512_set1_ps(40.0f), _mm512_add_ps(ax, ax)));
   __m512 large = _mm512_fnmadd_ps(_mm512_set1_ps(2.0f),
                                   recip16(_mm512_add_ps(e, _mm512_set1_ps(1.0f))),
                                   _mm512_set1_ps(1.0f));
