@@ -328,11 +328,6 @@ inline GatePanels panel_geometry(int64_t K1, int64_t K2, int64_t H, int64_t gate
   return p;
 }
 
-// The geometry of the W_hh rows alone of panels that also hold W_ih.
-inline GatePanels recurrent_geometry(const GatePanels& w) {
-  return panel_geometry(0, w.K2, w.H, w.gates, static_cast<int>(w.lanes));
-}
-
 // Panels for W_hh (and W_ih) with storage allocated but not yet filled: run_panel_split has each
 // thread fill the chunks it reads (pack_gate_chunks), so a unit-split thread's share lands in its
 // own L2 instead of being written by one thread and fetched by the other (at B = 1 the packed

@@ -386,18 +386,13 @@ template <typename T>
 void lstm_forward_fused(PanelIsa isa, const Schedule& s, int64_t H, const at::Tensor& w_hh,
                         const at::Tensor& w_ih, const T* input, const T* bias, T* gates, T* cells,
                         T* out, T* h_state, T* c_state, const T* h0, int64_t min_rows_per_block,
-                        bool project_first) {
+                        const PanelSplit& split, bool project_first) {
 #if TRF_HAVE_PANELS
   const GatePanels w = gate_panels_for(w_hh, 4, H, panel_lanes(isa, sizeof(T)), w_ih);
   const T* w_hh_p = w_hh.data_ptr<T>();
   const T* w_ih_p = w_ih.defined() ? w_ih.data_ptr<T>() : nullptr;
   const LstmFusedArgs<T> args{&s,    &w,  w.storage.data_ptr<T>(), H,       input, bias,
                               gates, cells, out,                   c_state, h0,    project_first};
-  const PanelSplit split = project_first
-                               ? choose_panel_split(s, recurrent_geometry(w), sizeof(T),
-                                                    min_rows_per_block)
-                               : choose_panel_split(s, w, sizeof(T), min_rows_per_block);
-  TORCH_INTERNAL_ASSERT(!project_first || split.by_units);
   run_panel_split(s, w, split, min_rows_per_block,
                   [&](int64_t u0, int64_t u1) { pack_gate_chunks<T>(w, w_hh_p, w_ih_p, u0, u1); },
                   [&](int64_t b0, int64_t b1, int64_t u0, int64_t u1, bool barrier) {
@@ -450,11 +445,14 @@ lstm_forward_impl(const at::Tensor& input, const at::Tensor& batch_sizes, const 
     // made by each unit-split thread for its own units before its first step (into its own
     // cache; MKL's GEMM gained little from a second thread here, 62 against 77 us at B = 1,
     // T = 50, H = 128, and the forward ran 5-9% faster without it), else one BLAS GEMM.
+    // The split is decided on what the steps read: [W_ih, W_hh] when the input is fused in,
+    // else W_hh alone (a project_first thread reads W_ih only before its first step).
     const bool fuse_input = fuse_input_projection(s);
     const size_t elem = input.element_size();
-    const GatePanels w_hh_geometry = panel_geometry(0, d.H, d.H, 4, panel_lanes(isa, elem));
-    const bool project_first =
-        !fuse_input && choose_panel_split(s, w_hh_geometry, elem, kMinRowsPerBlock).by_units;
+    const PanelSplit split = choose_panel_split(
+        s, panel_geometry(fuse_input ? d.I : 0, d.H, d.H, 4, panel_lanes(isa, elem)), elem,
+        kMinRowsPerBlock);
+    const bool project_first = !fuse_input && split.by_units;
     const bool own_input = fuse_input || project_first;  // W_ih goes into the panels
     at::Tensor gates =
         own_input ? workspace_empty({save || project_first ? d.N : 0, 4 * d.H}, opts)
@@ -470,7 +468,7 @@ lstm_forward_impl(const at::Tensor& input, const at::Tensor& batch_sizes, const 
           bias.defined() ? bias.data_ptr<scalar_t>() : nullptr,
           gates.numel() > 0 ? gates.data_ptr<scalar_t>() : nullptr,
           save ? cells.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(), h_state.data_ptr<scalar_t>(),
-          c_state.data_ptr<scalar_t>(), h0_c.data_ptr<scalar_t>(), kMinRowsPerBlock,
+          c_state.data_ptr<scalar_t>(), h0_c.data_ptr<scalar_t>(), kMinRowsPerBlock, split,
           project_first);
     });
     return {out, h_state, c_state, gates, cells, hpre};
@@ -539,7 +537,7 @@ lstm_backward_cpu(const c10::optional<at::Tensor>& grad_output,
   // (its packing copies were 8.8% of a training step at (256, 50, 64, 64)). In one process
   // alternating with two GEMMs, training step, median of 20-30 pairs: 1.01-1.06x at
   // (256, 50, 64, 64), 1.00x at 128, 1.02-1.05x at (64, 200, 128, 256).
-  const int64_t I = w_ih.size(1);
+  const int64_t I = d.I;
   at::Tensor xh = workspace_empty({d.N, I + d.P}, opts);
   at::Tensor out_c = output.contiguous(), h0_c = h0.contiguous();
 

@@ -18,15 +18,15 @@
 // code; sigmoid below -87 returns 1.6e-38 (the scalar code a subnormal).
 #pragma once
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(TIMEREC_NO_CLONES)
-#include <immintrin.h>
-
 #include "../include/timerec/activations.h"
+#include "gate_panels.h"  // TRF_HAVE_PANELS, TRF_TARGET_AVX512
+
+#if TRF_HAVE_PANELS
+#include <immintrin.h>
 
 namespace timerec::cpu::vec {
 
-#define TRF_VEC_INLINE \
-  __attribute__((target("avx512f,avx512dq"), always_inline)) inline
+#define TRF_VEC_INLINE TRF_TARGET_AVX512 __attribute__((always_inline)) inline
 
 // All lanes. The zero-masked forms of min/max/rcp14/scalef/roundscale are used because GCC 12's
 // unmasked ones pass _mm512_undefined_ps() through and warn -Wmaybe-uninitialized at every use.
