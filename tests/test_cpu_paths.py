@@ -224,13 +224,18 @@ def test_recurrent_product_on_stored_weight(threads, dtype, hidden, batch, cell)
 
 
 # ---- Time-LSTM ---------------------------------------------------------------------------------
-# The time cells' per-step products run on packed panels for more than 8 rows a step (AVX-512 or,
-# when asked, AVX2) and on the small-GEMM kernel below; TIMEREC_CPU_GEMM=blas takes BLAS for both.
-# Checked against the step-by-step reference of tests/reference_cells.py on packed unsorted input,
-# delta_t included. (A fused panel forward for TimeLSTM, like the LSTM's, measured 0.93-1.0x the
-# time of this product + pointwise pass at B=256 and was not kept.)
+# Time-LSTM forwards with at least 16 rows per step on average run fused on panels of
+# [W_ih; W_hh] (every gate from x, the h gates from h as well; AVX-512 or, when asked, AVX2),
+# split over threads by rows or, for panels past half a core's L2, by unit chunks. Fewer rows:
+# one input GEMM, then per-step products on panels (more than 8 rows) or the small-GEMM kernel,
+# and a pointwise pass. The backward always takes the second kind. TIMEREC_CPU_GEMM=blas takes
+# BLAS and the pointwise pass everywhere. Checked against the step-by-step reference of
+# tests/reference_cells.py on packed unsorted input, delta_t included.
 TIME_CASES = {
     "panel-rows": dict(batch=20, hidden=24, lengths=(3, 9)),
+    "fused": dict(batch=40, hidden=24, lengths=(7, 9)),
+    "fused-whole-chunks": dict(batch=40, hidden=32, lengths=(7, 9)),
+    "fused-unit-split": dict(batch=40, hidden=264, lengths=(5, 6)),
     "few-rows": dict(batch=2, hidden=120, lengths=(2, 9)),
 }
 
@@ -273,3 +278,47 @@ def test_time_lstm_paths(monkeypatch, threads, gemm, num_threads, dtype, case, v
             assert a is None or not a.abs().any()
         else:
             torch.testing.assert_close(a, b, **tol)
+
+
+@pytest.mark.parametrize("scale", [1.0, 40.0])
+@pytest.mark.parametrize("variant", ["time_lstm1", "time_lstm2", "time_lstm3"])
+def test_time_lstm_gate_math_fp32(threads, scale, variant):
+    """The fp32 time cells' pointwise passes (forward and backward; on AVX-512 CPUs the 16-unit
+    cells of csrc/cpu/vec_activations.h, H = 40 also leaving a partial chunk) against the
+    reference in fp64: ordinary and saturating pre-activations, elapsed times from 0 to 1e4 (the
+    inner sigmoids saturate both ways), and a NaN that poisons what it poisons in the reference."""
+    threads(1)
+    torch.manual_seed(0)
+    m = timerec_fast.TimeLSTM(8, 40, variant=variant)
+    m64 = timerec_fast.TimeLSTM(8, 40, variant=variant, dtype=torch.float64)
+    m64.load_state_dict(m.state_dict())
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 12, 8, generator=g) * scale
+    dt = torch.rand(6, 12, generator=g) * 10.0
+    dt[:, :4] = torch.logspace(-3, 4, 24).view(6, 4)
+    x_nan = x.clone()
+    x_nan[3, 5, 2] = float("nan")
+    with torch.no_grad():
+        got = m(x_nan, dt)
+        want = reference_cells.reference_time_lstm(m64, x_nan.double(), dt.double())
+    for a, b in zip((got[0],) + got[1], (want[0],) + want[1]):
+        assert torch.equal(torch.isnan(a), torch.isnan(b))
+        keep = ~torch.isnan(b)
+        assert keep.any()
+        torch.testing.assert_close(a[keep], b[keep].float(), **TOL[torch.float32])
+    # Gradients of every input and parameter, without the NaN (it would reach them all).
+    leaves = [x.requires_grad_(True), dt.requires_grad_(True)] + list(m.parameters())
+    x64, dt64 = x.detach().double().requires_grad_(True), dt.detach().double().requires_grad_(True)
+    leaves64 = [x64, dt64] + list(m64.parameters())
+    w = torch.randn(6, 12, 40, generator=g)
+    grads = []
+    for model, xi, di, ls in ((m, x, dt, leaves), (reference_cells.reference_time_lstm, x64, dt64,
+                                                   leaves64)):
+        out, (h_n, c_n) = model(xi, di) if model is m else model(m64, xi, di)
+        loss = (out * w.to(out.dtype)).sum() + h_n.sum() + c_n.sum()
+        grads.append(torch.autograd.grad(loss, ls, allow_unused=True))
+    for a, b in zip(*grads):
+        if b is None:
+            assert a is None or not a.abs().any()
+        else:
+            torch.testing.assert_close(a, b.float(), rtol=1e-4, atol=1e-4)

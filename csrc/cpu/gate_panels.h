@@ -141,11 +141,18 @@ inline int panel_lanes(PanelIsa isa, size_t elem_size) {
 // W (G*H, K), row-major as nn.LSTM/GRU store W_hh, packed as panels: panel u, row k holds
 // [gate 0 of units uL..uL+L-1, gate 1 of the same units, ...], zero past H. With w_ih given, the
 // panels hold [W_ih, W_hh] (K1 = input features, then K2 = H rows) so one tile also does the
-// input projection of its rows.
+// input projection of its rows. The W_hh rows may hold fewer gates (h_gates, the first ones) than
+// the W_ih rows: the time cells' time gates see the input but not h.
 struct GatePanels {
   at::Tensor storage;
-  int64_t K = 0, K1 = 0, K2 = 0, H = 0, gates = 0, lanes = 0, chunks = 0;
-  int64_t panel_size() const { return K * gates * lanes; }
+  int64_t K = 0, K1 = 0, K2 = 0, H = 0, gates = 0, h_gates = 0, lanes = 0, chunks = 0;
+  int64_t size = 0;  // elements per panel, fixed by the packing (a view that skips rows keeps it)
+  // Gates in panel row k and the offset of that row inside a panel (as packed).
+  int64_t gates_at(int64_t k) const { return k < K1 ? gates : h_gates; }
+  int64_t row_offset(int64_t k) const {
+    return (std::min(k, K1) * gates + std::max<int64_t>(k - K1, 0) * h_gates) * lanes;
+  }
+  int64_t panel_size() const { return size; }
 };
 
 // Columns [k0, Kw) of one (unit chunk, gate) block: `valid` source rows, zeros past them.
@@ -161,13 +168,14 @@ TRF_ALWAYS_INLINE void pack_block_scalar(const T* const* src, int64_t valid, int
 template <typename T>
 void pack_rows_into_panels_scalar(const T* w, int64_t Kw, int64_t k_off, const GatePanels& p,
                                   int64_t u0, int64_t u1, T* dst) {
-  const int64_t L = p.lanes, G = p.gates;
+  const int64_t L = p.lanes, G = p.gates_at(k_off);
   for (int64_t u = u0; u < u1; ++u)
     for (int64_t q = 0; q < G; ++q) {
       const T* src[64];
       const int64_t valid = std::min<int64_t>(L, p.H - u * L);
       for (int64_t l = 0; l < valid; ++l) src[l] = w + (q * p.H + u * L + l) * Kw;
-      pack_block_scalar(src, valid, L, 0, Kw, G * L, dst + (u * p.K + k_off) * G * L + q * L);
+      pack_block_scalar(src, valid, L, 0, Kw, G * L,
+                        dst + u * p.panel_size() + p.row_offset(k_off) + q * L);
     }
 }
 
@@ -208,13 +216,13 @@ TRF_ALWAYS_INLINE void pack_rows_into_panels_zmm(const T* w, int64_t Kw, int64_t
   typedef T V __attribute__((vector_size(64)));
   typedef T U __attribute__((vector_size(64), aligned(sizeof(T)), may_alias));
   typedef I M __attribute__((vector_size(64)));
-  const int64_t G = p.gates, ld = G * L;
+  const int64_t G = p.gates_at(k_off), ld = G * L;
   for (int64_t u = u0; u < u1; ++u)
     for (int64_t q = 0; q < G; ++q) {
       const T* src[L];
       const int64_t valid = std::min<int64_t>(L, p.H - u * L);
       for (int64_t l = 0; l < valid; ++l) src[l] = w + (q * p.H + u * L + l) * Kw;
-      T* d = dst + (u * p.K + k_off) * ld + q * L;
+      T* d = dst + u * p.panel_size() + p.row_offset(k_off) + q * L;
       int64_t k0 = 0;
       if (valid == L) {
         for (; k0 + L <= Kw; k0 += L) {
@@ -240,7 +248,8 @@ TRF_TARGET_AVX512 inline void pack_rows_into_panels_avx512(const double* w, int6
 }
 #endif
 
-// Copies rows [q*H, (q+1)*H) of a (gates*H, Kw) row-major W into panel rows [k_off, k_off+Kw),
+// Copies rows [q*H, (q+1)*H) of a (G*H, Kw) row-major W into panel rows [k_off, k_off+Kw)
+// (G = the panels' gates there: gates for W_ih, h_gates for W_hh),
 // for unit chunks [u0, u1) only: a unit-split thread packs the chunks it will read, into its own
 // cache. (The ATen permute+contiguous this replaces cost ~50-100 us per call at H = 128, most of
 // a B = 1 forward.)
@@ -316,15 +325,19 @@ inline at::Tensor transposed(const at::Tensor& w) {
 }
 
 // The panels' geometry alone (no storage): what choose_panel_split needs to decide.
-inline GatePanels panel_geometry(int64_t K1, int64_t K2, int64_t H, int64_t gates, int lanes) {
+// h_gates < 0: as many as gates.
+inline GatePanels panel_geometry(int64_t K1, int64_t K2, int64_t H, int64_t gates, int lanes,
+                                 int64_t h_gates = -1) {
   GatePanels p;
   p.K1 = K1;
   p.K2 = K2;
   p.K = K1 + K2;
   p.H = H;
   p.gates = gates;
+  p.h_gates = h_gates < 0 ? gates : h_gates;
   p.lanes = lanes;
   p.chunks = (H + lanes - 1) / lanes;
+  p.size = p.row_offset(p.K);
   return p;
 }
 
@@ -332,12 +345,14 @@ inline GatePanels panel_geometry(int64_t K1, int64_t K2, int64_t H, int64_t gate
 // thread fill the chunks it reads (pack_gate_chunks), so a unit-split thread's share lands in its
 // own L2 instead of being written by one thread and fetched by the other (at B = 1 the packed
 // copy made by one thread measured ~20 us of a 180 us GRU forward).
+// w_hh holds h_gates (default: gates) gate blocks, w_ih (if given) gates.
 inline GatePanels gate_panels_for(const at::Tensor& w_hh, int64_t gates, int64_t H, int lanes,
-                                  const at::Tensor& w_ih = at::Tensor()) {
+                                  const at::Tensor& w_ih = at::Tensor(), int64_t h_gates = -1) {
   TORCH_INTERNAL_ASSERT(w_hh.is_contiguous() && (!w_ih.defined() || w_ih.is_contiguous()));
-  GatePanels p = panel_geometry(w_ih.defined() ? w_ih.size(1) : 0, w_hh.size(1), H, gates, lanes);
-  // (chunks, K, gates, lanes) <- W viewed as (gates, H, K), H zero-padded to chunks * lanes.
-  p.storage = at::empty({p.chunks, p.K, gates, lanes}, w_hh.options());
+  GatePanels p =
+      panel_geometry(w_ih.defined() ? w_ih.size(1) : 0, w_hh.size(1), H, gates, lanes, h_gates);
+  // (chunks, panel_size) <- W viewed as (gates, H, K), H zero-padded to chunks * lanes.
+  p.storage = at::empty({p.chunks, p.panel_size()}, w_hh.options());
   return p;
 }
 
@@ -352,7 +367,7 @@ void pack_gate_chunks(const GatePanels& p, const T* w_hh, const T* w_ih, int64_t
 // row k is W[k, uL .. uL+L-1], a contiguous copy.
 inline GatePanels pack_kn_panels(const at::Tensor& w_kn, int lanes) {
   GatePanels p = panel_geometry(0, w_kn.size(0), w_kn.size(1), 1, lanes);
-  p.storage = at::empty({p.chunks, p.K, 1, lanes}, w_kn.options());
+  p.storage = at::empty({p.chunks, p.panel_size()}, w_kn.options());
   AT_DISPATCH_FLOATING_TYPES(w_kn.scalar_type(), "timerec_fast_pack_kn_panels", [&] {
     const scalar_t* src = w_kn.data_ptr<scalar_t>();
     scalar_t* dst = p.storage.data_ptr<scalar_t>();
@@ -372,8 +387,8 @@ inline GatePanels pack_kn_panels(const at::Tensor& w_kn, int lanes) {
 // gate q at init[r] + q * init_stride; null: zeros), accumulates [x[r], a[r]] @ panel over the
 // panel's K = K1 + K2 rows (x: the input row when the input projection is fused in, K1 = 0
 // otherwise; a: h_prev), and is stored to dst[r] (gate q at dst[r] + q * dst_stride). `valid` < L
-// lanes only for the last chunk.
-template <PanelIsa Isa, typename T, int G, int R>
+// lanes only for the last chunk. The h rows feed only the first G2 gates (GatePanels::h_gates).
+template <PanelIsa Isa, typename T, int G, int R, int G2 = G>
 TRF_ALWAYS_INLINE void panel_tile(const T* const* x, int64_t K1, const T* const* a, int64_t K2,
                                   const T* panel, const T* const* init, int64_t init_stride,
                                   T* const* dst, int64_t dst_stride, int valid) {
@@ -402,12 +417,12 @@ TRF_ALWAYS_INLINE void panel_tile(const T* const* x, int64_t K1, const T* const*
       for (int q = 0; q < G; ++q) acc[r][q] += av * wv[q];
     }
   }
-  for (int64_t k = 0; k < K2; ++k, w += G * L) {
-    V wv[G];
-    for (int q = 0; q < G; ++q) wv[q] = K_::load(w + q * L);
+  for (int64_t k = 0; k < K2; ++k, w += G2 * L) {
+    V wv[G2];
+    for (int q = 0; q < G2; ++q) wv[q] = K_::load(w + q * L);
     for (int r = 0; r < R; ++r) {
       const T av = a[r][k];
-      for (int q = 0; q < G; ++q) acc[r][q] += av * wv[q];
+      for (int q = 0; q < G2; ++q) acc[r][q] += av * wv[q];
     }
   }
   for (int r = 0; r < R; ++r)
@@ -423,32 +438,33 @@ TRF_ALWAYS_INLINE void panel_tile(const T* const* x, int64_t K1, const T* const*
 }
 
 // Tiles of up to R rows with a compile-time row count (the remainder picks a smaller one).
-template <PanelIsa Isa, typename T, int G, int R>
+template <PanelIsa Isa, typename T, int G, int R, int G2 = G>
 TRF_ALWAYS_INLINE void panel_tile_upto(int rows, const T* const* x, int64_t K1, const T* const* a,
                                        int64_t K2, const T* panel, const T* const* init,
                                        int64_t init_stride, T* const* dst, int64_t dst_stride,
                                        int valid) {
   if constexpr (R > 1) {
     if (rows < R) {
-      panel_tile_upto<Isa, T, G, R - 1>(rows, x, K1, a, K2, panel, init, init_stride, dst,
-                                        dst_stride, valid);
+      panel_tile_upto<Isa, T, G, R - 1, G2>(rows, x, K1, a, K2, panel, init, init_stride, dst,
+                                            dst_stride, valid);
       return;
     }
   }
-  panel_tile<Isa, T, G, R>(x, K1, a, K2, panel, init, init_stride, dst, dst_stride, valid);
+  panel_tile<Isa, T, G, R, G2>(x, K1, a, K2, panel, init, init_stride, dst, dst_stride, valid);
 }
 
 // rows [b0, b1) x unit chunks [u0, u1) of one step. Row b's operands come from the cell:
 //   rows.x_row(b): input row (w.K1 values, unused when w.K1 = 0); rows.a(b): h_prev row (w.K2
 //   values); rows.init(b): gate row to start from (null: zeros);
 //   rows.dst(b): where the G gate pre-activations go; then epi(b_begin, b_end, j0, j1) runs the
-//   cell on those rows and units.
-template <PanelIsa Isa, typename T, int G, typename Rows, typename Epi>
+//   cell on those rows and units. The h_prev rows feed the first G2 gates only (w.h_gates).
+template <PanelIsa Isa, typename T, int G, int G2 = G, typename Rows, typename Epi>
 TRF_ALWAYS_INLINE void panel_step(int64_t b0, int64_t b1, int64_t u0, int64_t u1,
                                   const GatePanels& w, const T* packed, const Rows& rows,
                                   int64_t init_stride, int64_t dst_stride, const Epi& epi) {
   using K_ = PanelKernel<Isa, T, G>;
   constexpr int L = K_::lanes, R = K_::max_rows;
+  TORCH_INTERNAL_ASSERT_DEBUG_ONLY(w.gates == G && w.h_gates == G2);
   // A step of one row tile (e.g. B = 1 split over threads by units) spends its K loop waiting
   // on h_prev, which the other threads wrote last step: one cross-core miss per line, in series
   // as the loop reaches each line. Asking for all of them at once overlaps the misses (B = 1,
@@ -465,10 +481,12 @@ TRF_ALWAYS_INLINE void panel_step(int64_t b0, int64_t b1, int64_t u0, int64_t u1
     const T* panel = packed + u * w.panel_size();
     for (int64_t b = b0; b < b1; b += R) {
       const int n = static_cast<int>(std::min<int64_t>(R, b1 - b));
-      const T* x[R];
-      const T* a[R];
-      const T* init[R];
-      T* dst[R];
+      // Zeroed: GCC 12 cannot see that n >= 1 fills them (it warned at R = 1, the AVX2 tile of
+      // six gates).
+      const T* x[R] = {};
+      const T* a[R] = {};
+      const T* init[R] = {};
+      T* dst[R] = {};
       for (int r = 0; r < n; ++r) {
         x[r] = w.K1 > 0 ? rows.x_row(b + r) : nullptr;
         a[r] = rows.a(b + r);
@@ -486,8 +504,8 @@ TRF_ALWAYS_INLINE void panel_step(int64_t b0, int64_t b1, int64_t u0, int64_t u1
           if (in != nullptr)
             for (int q = 0; q < G; ++q) __builtin_prefetch(in + nj + q * init_stride, 0, 3);
         }
-      panel_tile_upto<Isa, T, G, R>(n, x, w.K1, a, w.K2, panel, init, init_stride, dst,
-                                    dst_stride, valid);
+      panel_tile_upto<Isa, T, G, R, G2>(n, x, w.K1, a, w.K2, panel, init, init_stride, dst,
+                                        dst_stride, valid);
       epi(b, b + n, j0, j0 + valid);
     }
   }
@@ -554,8 +572,8 @@ inline PanelSplit choose_panel_split(const Schedule& s, const GatePanels& w, siz
   PanelSplit p;
   const int threads = unit_split_threads();
   if (threads < 2 || s.steps == 0) return p;
-  const int64_t w_bytes = w.K * w.gates * w.chunks * w.lanes * static_cast<int64_t>(elem_size);
-  const int64_t work_per_step = s.rows / std::max<int64_t>(s.steps, 1) * w.K * w.gates * w.H;
+  const int64_t w_bytes = w.panel_size() * w.chunks * static_cast<int64_t>(elem_size);
+  const int64_t work_per_step = s.rows / std::max<int64_t>(s.steps, 1) * w.panel_size() / w.lanes * w.H;
   const bool enough_rows = s.batch / min_rows_per_block >= threads;
   // Below ~32K multiply-adds per step the barrier (~1 us) costs more than the split saves (GRU,
   // B = 1, H = 128: 49K per step, 3.0 us single-threaded, 2.1 us split over 2 threads).

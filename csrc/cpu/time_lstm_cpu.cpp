@@ -1,9 +1,11 @@
 // Time-aware LSTM layers, CPU: Time-LSTM 1/2/3 (Zhu et al. 2017) and T-LSTM (Baytas et al. 2017).
 //
-// Same machinery as the LSTM: the time-gate input projections join the one input GEMM; the dt
-// terms, peepholes and decay are fused into the per-step pointwise pass. Gradients of the per-unit
-// vectors (peepholes, time weights) and of delta_t are reductions over rows, done after the loop
-// with ATen from the saved pre-activation gradients.
+// Same machinery as the LSTM. Time-LSTM forward with >= 16 rows per step: the fused panel tiles
+// (input projection, time gates included, recurrent product and the time cell per tile; see
+// "fused forward" below). Otherwise, and for T-LSTM: the time-gate input projections join the one
+// input GEMM and the dt terms, peepholes and decay are fused into the per-step pointwise pass.
+// Gradients of the per-unit vectors (peepholes, time weights) and of delta_t are reductions over
+// rows, accumulated in the backward's pointwise pass.
 #include <torch/library.h>
 
 #include "../include/timerec/lstm_cell.h"
@@ -11,6 +13,7 @@
 #include "cpu_blas.h"
 #include "cpu_kernels.h"
 #include "gate_panels.h"
+#include "vec_activations.h"
 #include "workspace.h"
 
 namespace timerec::cpu {
@@ -387,6 +390,228 @@ void tlstm_backward_block(const Schedule& s, RowBlock blk, int64_t H,
   }
 }
 
+// ---- fused forward (gate_panels.h) ----------------------------------------------------------
+// With enough rows per step (fuse_input_projection), as in the LSTM: each tile of rows x one unit
+// chunk computes [x, h_prev] @ [W_ih; W_hh]^T for its units, every gate from x and the first
+// h_gates (those that see h; the time gates do not) from h_prev too, then runs the time cell on
+// those units while they are in cache. The per-step pass this replaces read back an (N, G)
+// projection written by one GEMM long before, and the tiles do the same multiply-adds as the
+// LSTM's at the same shape in variant 3 (5 gates x I + 3 x H against 4 x (I + H) at I = H).
+// h_prev comes from the previous step's output rows, c is owned per (row, unit): threads may
+// split the rows or the unit chunks (run_panel_split).
+template <typename T>
+struct TimeLstmFusedArgs {
+  const Schedule* s;
+  const GatePanels* w;
+  const T* packed;
+  int64_t H;
+  const T* input;  // (N, I)
+  const T* bias;   // (G) or null
+  const T* dt;     // (N)
+  const T* peep;
+  const T* time_w;
+  T* gates;  // (N, G): the activations, for the backward
+  T* cells;  // (N, H): the carried cell c'
+  T* cts;    // (N, H): the output cell ct (variants 2 and 3), else null
+  T* out;
+  T* c_state;
+  const T* h0;
+};
+
+template <typename T>
+struct TimeLstmFusedRows {
+  const T* x;
+  int64_t I;
+  PrevRows<T> prev;
+  T* g;  // the step's gate rows
+  int64_t G;
+  const T* bias;
+  TRF_ALWAYS_INLINE const T* x_row(int64_t b) const { return x + b * I; }
+  TRF_ALWAYS_INLINE const T* a(int64_t b) const { return prev.row(b); }
+  TRF_ALWAYS_INLINE const T* init(int64_t) const { return bias; }
+  TRF_ALWAYS_INLINE T* dst(int64_t b) const { return g + b * G; }
+};
+
+// The cell on rows [b0, b1) x units [j0, j1) of one step (the rows' pointers are the step's).
+template <typename T, int V>
+struct TimeLstmFusedEpilogue {
+  static constexpr TimeLstmLayout L = time_lstm_layout(V);
+  int64_t H;
+  T* g;
+  const T* dt;
+  const T* peep;
+  const T* time_w;
+  T *c_state, *cells, *cts, *out;
+  TRF_ALWAYS_INLINE void operator()(int64_t b0, int64_t b1, int64_t j0, int64_t j1) const {
+    for (int64_t b = b0; b < b1; ++b) {
+      T* row = g + b * L.gates * H;
+      T* __restrict gi = row + L.i * H;
+      T* __restrict gg = row + L.g * H;
+      T* __restrict go = row + L.o * H;
+      T* __restrict gt1 = row + L.t1 * H;
+      T* __restrict gf = row + (V != kTimeLstm3 ? L.f : L.i) * H;    // unused in variant 3
+      T* __restrict gt2 = row + (V != kTimeLstm1 ? L.t2 : L.t1) * H;  // unused in variant 1
+      T* __restrict cs = c_state + b * H;
+      T* __restrict cl = cells + b * H;
+      T* __restrict ctb = cts != nullptr ? cts + b * H : nullptr;
+      T* __restrict ho = out + b * H;
+      const T d = dt[b];
+#pragma GCC ivdep
+      for (int64_t j = j0; j < j1; ++j) {
+        TimeLstmGates<T> a{gi[j], V != kTimeLstm3 ? gf[j] : T(0), gg[j], go[j], gt1[j],
+                           V != kTimeLstm1 ? gt2[j] : T(0)};
+        T c_next, ct, h;
+        time_lstm_cell_forward(V, a, cs[j], d, unit_weights(peep, time_w, H, j), c_next, ct, h);
+        gi[j] = a.i;
+        if constexpr (V != kTimeLstm3) gf[j] = a.f;
+        gg[j] = a.g;
+        go[j] = a.o;
+        gt1[j] = a.t1;
+        if constexpr (V != kTimeLstm1) {
+          gt2[j] = a.t2;
+          ctb[j] = ct;
+        }
+        cs[j] = c_next;
+        cl[j] = c_next;
+        ho[j] = h;
+      }
+    }
+  }
+};
+
+#if TRF_HAVE_PANELS
+// The epilogue above for fp32 on AVX-512: whole 16-unit chunks through
+// vec::time_lstm_cell_forward16 (csrc/cpu/vec_activations.h), a partial last chunk through the
+// scalar loop. Not always_inline, for the reason given at LstmFusedEpilogueAvx512 (lstm_cpu.cpp).
+template <int V>
+struct TimeLstmFusedEpilogueAvx512 {
+  const TimeLstmFusedEpilogue<float, V>* scalar;
+  TRF_TARGET_AVX512 void operator()(int64_t b0, int64_t b1, int64_t j0, int64_t j1) const {
+    constexpr TimeLstmLayout L = time_lstm_layout(V);
+    const TimeLstmFusedEpilogue<float, V>& e = *scalar;
+    if (j1 - j0 != 16) {
+      e(b0, b1, j0, j1);
+      return;
+    }
+    const int64_t H = e.H;
+    const vec::TimeLstmUnitWeights16 w = vec::load_time_unit_weights16(e.peep, e.time_w, H, j0);
+    for (int64_t b = b0; b < b1; ++b) {
+      float* row = e.g + b * L.gates * H + j0;
+      __m512 i = _mm512_loadu_ps(row + L.i * H), g = _mm512_loadu_ps(row + L.g * H);
+      __m512 o = _mm512_loadu_ps(row + L.o * H), t1 = _mm512_loadu_ps(row + L.t1 * H);
+      __m512 f = V != kTimeLstm3 ? _mm512_loadu_ps(row + L.f * H) : _mm512_setzero_ps();
+      __m512 t2 = V != kTimeLstm1 ? _mm512_loadu_ps(row + L.t2 * H) : _mm512_setzero_ps();
+      float* cs = e.c_state + b * H + j0;
+      __m512 c_next, ct, h;
+      vec::time_lstm_cell_forward16<V>(i, f, g, o, t1, t2, _mm512_loadu_ps(cs),
+                                       _mm512_set1_ps(e.dt[b]), w, c_next, ct, h);
+      _mm512_storeu_ps(row + L.i * H, i);
+      if constexpr (V != kTimeLstm3) _mm512_storeu_ps(row + L.f * H, f);
+      _mm512_storeu_ps(row + L.g * H, g);
+      _mm512_storeu_ps(row + L.o * H, o);
+      _mm512_storeu_ps(row + L.t1 * H, t1);
+      if constexpr (V != kTimeLstm1) {
+        _mm512_storeu_ps(row + L.t2 * H, t2);
+        _mm512_storeu_ps(e.cts + b * H + j0, ct);
+      }
+      _mm512_storeu_ps(cs, c_next);
+      _mm512_storeu_ps(e.cells + b * H + j0, c_next);
+      _mm512_storeu_ps(e.out + b * H + j0, h);
+    }
+  }
+};
+#endif
+
+template <PanelIsa Isa, typename T, int V>
+TRF_ALWAYS_INLINE void time_lstm_fused_loop_impl(const TimeLstmFusedArgs<T>& A, int64_t b0,
+                                                 int64_t b1, int64_t u0, int64_t u1,
+                                                 bool barrier) {
+  constexpr TimeLstmLayout L = time_lstm_layout(V);
+  const Schedule& s = *A.s;
+  const int64_t H = A.H, G = L.gates * H, I = A.w->K1;
+  for (int64_t k = 0; k < s.steps; ++k) {
+    const int64_t t = s.time_at(k);
+    const int64_t e = std::min(b1, s.batch_sizes[t]);
+    if (e > b0 && u1 > u0) {
+      const int64_t off = s.offsets[t];
+      const TimeLstmFusedRows<T> rows{A.input + off * I, I,
+                                      prev_rows(s, k, static_cast<const T*>(A.out), A.h0, H),
+                                      A.gates + off * G, G, A.bias};
+      const TimeLstmFusedEpilogue<T, V> epi{H,
+                                            A.gates + off * G,
+                                            A.dt + off,
+                                            A.peep,
+                                            A.time_w,
+                                            A.c_state,
+                                            A.cells + off * H,
+                                            A.cts != nullptr ? A.cts + off * H : nullptr,
+                                            A.out + off * H};
+#if TRF_HAVE_PANELS
+      if constexpr (Isa == PanelIsa::kAvx512 && std::is_same_v<T, float>)
+        panel_step<Isa, T, L.gates, L.h_gates>(b0, e, u0, u1, *A.w, A.packed, rows, H, H,
+                                               TimeLstmFusedEpilogueAvx512<V>{&epi});
+      else
+#endif
+        panel_step<Isa, T, L.gates, L.h_gates>(b0, e, u0, u1, *A.w, A.packed, rows, H, H, epi);
+    }
+    if (barrier) {
+#pragma omp barrier
+    }
+  }
+}
+
+#if TRF_HAVE_PANELS
+template <typename T, int V>
+TRF_TARGET_AVX512 void time_lstm_fused_loop_avx512(const TimeLstmFusedArgs<T>& a, int64_t b0,
+                                                   int64_t b1, int64_t u0, int64_t u1, bool bar) {
+  time_lstm_fused_loop_impl<PanelIsa::kAvx512, T, V>(a, b0, b1, u0, u1, bar);
+}
+template <typename T, int V>
+TRF_TARGET_AVX2 void time_lstm_fused_loop_avx2(const TimeLstmFusedArgs<T>& a, int64_t b0,
+                                               int64_t b1, int64_t u0, int64_t u1, bool bar) {
+  time_lstm_fused_loop_impl<PanelIsa::kAvx2, T, V>(a, b0, b1, u0, u1, bar);
+}
+
+template <typename T, int V>
+void time_lstm_fused_loop(PanelIsa isa, const TimeLstmFusedArgs<T>& a, int64_t b0, int64_t b1,
+                          int64_t u0, int64_t u1, bool bar) {
+  if (isa == PanelIsa::kAvx512)
+    time_lstm_fused_loop_avx512<T, V>(a, b0, b1, u0, u1, bar);
+  else
+    time_lstm_fused_loop_avx2<T, V>(a, b0, b1, u0, u1, bar);
+}
+#endif
+
+template <typename T>
+void time_lstm_forward_fused(PanelIsa isa, int variant, const Schedule& s, int64_t H,
+                             const at::Tensor& w_ih, const at::Tensor& w_hh,
+                             const PanelSplit& split, const TimeLstmFusedArgs<T>& proto,
+                             T* h_state) {
+#if TRF_HAVE_PANELS
+  const TimeLstmLayout L = time_lstm_layout(variant);
+  const GatePanels w =
+      gate_panels_for(w_hh, L.gates, H, panel_lanes(isa, sizeof(T)), w_ih, L.h_gates);
+  TimeLstmFusedArgs<T> args = proto;
+  args.w = &w;
+  args.packed = w.storage.data_ptr<T>();
+  const T* w_hh_p = w_hh.data_ptr<T>();
+  const T* w_ih_p = w_ih.data_ptr<T>();
+  run_panel_split(s, w, split, kMinRowsPerBlock,
+                  [&](int64_t u0, int64_t u1) { pack_gate_chunks<T>(w, w_hh_p, w_ih_p, u0, u1); },
+                  [&](int64_t b0, int64_t b1, int64_t u0, int64_t u1, bool barrier) {
+                    if (variant == kTimeLstm1)
+                      time_lstm_fused_loop<T, kTimeLstm1>(isa, args, b0, b1, u0, u1, barrier);
+                    else if (variant == kTimeLstm2)
+                      time_lstm_fused_loop<T, kTimeLstm2>(isa, args, b0, b1, u0, u1, barrier);
+                    else
+                      time_lstm_fused_loop<T, kTimeLstm3>(isa, args, b0, b1, u0, u1, barrier);
+                  });
+  final_state_from_rows(s, static_cast<const T*>(args.out), H, h_state);
+#else
+  TORCH_CHECK(false, "timerec_fast: fused CPU kernels are not compiled in");
+#endif
+}
+
 // ---- ops ---------------------------------------------------------------------------------------
 
 TimeShapes check_time_args(const char* cell, const at::Tensor& input, const at::Tensor& delta_t,
@@ -408,7 +633,6 @@ time_lstm_forward_cpu(const at::Tensor& input, const at::Tensor& delta_t,
   check_matrix(peep, "peep", 3, d.H, input);
   check_matrix(time_w, "time_w", 3, d.H, input);
   const Schedule s = make_schedule(batch_sizes, d.N, d.B, reverse);
-  at::Tensor gates = cpu_input_projection(input, w_ih, bias);
   auto opts = input.options();
   at::Tensor cells = workspace_empty({d.N, d.H}, opts);
   at::Tensor cts = variant == kTimeLstm1 ? at::empty({0}, opts) : workspace_empty({d.N, d.H}, opts);
@@ -417,8 +641,32 @@ time_lstm_forward_cpu(const at::Tensor& input, const at::Tensor& delta_t,
   at::Tensor c_state = c0.clone(at::MemoryFormat::Contiguous);
   at::Tensor dt = delta_t.contiguous();
   at::Tensor peep_c = peep.contiguous(), time_w_c = time_w.contiguous();
+  const PanelIsa isa = panel_isa();
+  if (isa != PanelIsa::kNone && fuse_input_projection(s)) {
+    const size_t elem = input.element_size();
+    const PanelSplit split = choose_panel_split(
+        s, panel_geometry(input.size(1), d.H, d.H, L.gates, panel_lanes(isa, elem), L.h_gates), elem,
+        kMinRowsPerBlock);
+    at::Tensor gates = workspace_empty({d.N, L.gates * d.H}, opts);
+    at::Tensor x = input.contiguous(), h0_c = h0.contiguous();
+    at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
+    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "timerec_fast_time_lstm_forward_fused", [&] {
+      const TimeLstmFusedArgs<scalar_t> args{
+          &s, nullptr, nullptr, d.H, x.data_ptr<scalar_t>(),
+          bias_c.defined() ? bias_c.data_ptr<scalar_t>() : nullptr, dt.data_ptr<scalar_t>(),
+          peep_c.data_ptr<scalar_t>(), time_w_c.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(),
+          cells.data_ptr<scalar_t>(),
+          variant == kTimeLstm1 ? nullptr : cts.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+          c_state.data_ptr<scalar_t>(), h0_c.data_ptr<scalar_t>()};
+      time_lstm_forward_fused<scalar_t>(isa, static_cast<int>(variant), s, d.H,
+                                        w_ih.contiguous(), w_hh.contiguous(), split, args,
+                                        h_state.data_ptr<scalar_t>());
+    });
+    return {out, h_state, c_state, gates, cells, cts};
+  }
+  at::Tensor gates = cpu_input_projection(input, w_ih, bias);
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "timerec_fast_time_lstm_forward", [&] {
-    const auto w_hh_r = RecurrentWeight<scalar_t>::for_forward(w_hh, s, panel_isa());
+    const auto w_hh_r = RecurrentWeight<scalar_t>::for_forward(w_hh, s, isa);
     for_blocks(split_batch(s, kMinRowsPerBlock), [&](RowBlock blk) {
       time_lstm_forward_block<scalar_t>(
           static_cast<int>(variant), L, s, blk, d.H, w_hh_r,

@@ -19,6 +19,7 @@
 #pragma once
 
 #include "../include/timerec/activations.h"
+#include "../include/timerec/time_lstm_cell.h"  // kTimeLstm1..3
 #include "gate_panels.h"  // TRF_HAVE_PANELS, TRF_TARGET_AVX512
 
 #if TRF_HAVE_PANELS
@@ -97,6 +98,54 @@ TRF_VEC_INLINE __m512 gru_cell_forward16(__m512& xr, __m512& xz, __m512& xn, __m
   xn = tanh16(_mm512_add_ps(xn, _mm512_mul_ps(xr, hn)));
   return _mm512_add_ps(_mm512_mul_ps(_mm512_sub_ps(_mm512_set1_ps(1.0f), xz), xn),
                        _mm512_mul_ps(xz, h_prev));
+}
+
+// The per-unit vectors of timerec::TimeLstmUnitWeights (csrc/include/timerec/time_lstm_cell.h)
+// for 16 units.
+struct TimeLstmUnitWeights16 {
+  __m512 p_i, p_f, p_o, w_t1, w_t2, w_o;
+};
+
+// peep and time_w are (3, H): rows (p_i, p_f, p_o) and (w_t1, w_t2, w_o).
+TRF_VEC_INLINE TimeLstmUnitWeights16 load_time_unit_weights16(const float* peep,
+                                                              const float* time_w, int64_t H,
+                                                              int64_t j) {
+  return {_mm512_loadu_ps(peep + j),         _mm512_loadu_ps(peep + H + j),
+          _mm512_loadu_ps(peep + 2 * H + j), _mm512_loadu_ps(time_w + j),
+          _mm512_loadu_ps(time_w + H + j),   _mm512_loadu_ps(time_w + 2 * H + j)};
+}
+
+// timerec::time_lstm_cell_forward on 16 units, variant V (kTimeLstm1..3): the same operations.
+// Gates are overwritten with their activations (f = 0 in variant 3, t2 = t1 in variant 1, as the
+// scalar code leaves them).
+template <int V>
+TRF_VEC_INLINE void time_lstm_cell_forward16(__m512& i, __m512& f, __m512& g, __m512& o,
+                                             __m512& t1, __m512& t2, __m512 c, __m512 dt,
+                                             const TimeLstmUnitWeights16& w, __m512& c_next,
+                                             __m512& ct, __m512& h) {
+  i = sigmoid16(_mm512_fmadd_ps(w.p_i, c, i));
+  g = tanh16(g);
+  t1 = sigmoid16(_mm512_add_ps(t1, sigmoid16(_mm512_mul_ps(dt, w.w_t1))));
+  if constexpr (V == kTimeLstm3) {
+    f = _mm512_setzero_ps();
+    t2 = sigmoid16(_mm512_add_ps(t2, sigmoid16(_mm512_mul_ps(dt, w.w_t2))));
+    ct = _mm512_fmadd_ps(_mm512_mul_ps(i, t1), _mm512_sub_ps(g, c), c);
+    c_next = _mm512_fmadd_ps(_mm512_sub_ps(_mm512_set1_ps(1.0f), i), c,
+                             _mm512_mul_ps(_mm512_mul_ps(i, t2), g));
+  } else {
+    f = sigmoid16(_mm512_fmadd_ps(w.p_f, c, f));
+    const __m512 fc = _mm512_mul_ps(f, c);
+    ct = _mm512_fmadd_ps(_mm512_mul_ps(i, t1), g, fc);
+    if constexpr (V == kTimeLstm1) {
+      t2 = t1;
+      c_next = ct;
+    } else {
+      t2 = sigmoid16(_mm512_add_ps(t2, sigmoid16(_mm512_mul_ps(dt, w.w_t2))));
+      c_next = _mm512_fmadd_ps(_mm512_mul_ps(i, t2), g, fc);
+    }
+  }
+  o = sigmoid16(_mm512_fmadd_ps(w.p_o, ct, _mm512_fmadd_ps(dt, w.w_o, o)));
+  h = _mm512_mul_ps(o, tanh16(ct));
 }
 
 #undef TRF_VEC_INLINE
