@@ -39,29 +39,29 @@ struct GateRows {
         o(row + L.o * H), t1(row + L.t1 * H), t2(L.t2 >= 0 ? row + L.t2 * H : scratch) {}
 };
 
+// The time cell on rows [b0, b1) x units [j0, j1) of one step (pointers at the step's rows):
+// gates hold the pre-activations and get the activations; c_state is updated in place; the
+// cells, cts (variants 2 and 3) and out rows are written, and h_state's if given.
 template <typename T, int V>
-TRF_ALWAYS_INLINE void time_lstm_forward_rows_v(TimeLstmLayout L, int64_t r0, int64_t r1,
-                                                int64_t H, T* gates, const T* dt, const T* peep,
-                                                const T* time_w, T* c_state, T* cells, T* cts,
-                                                T* h_out, T* h_state) {
-  const int64_t G = L.gates * H;
-  T scratch[1];
-  for (int64_t b = r0; b < r1; ++b) {
-    const GateRows<T> g(L, gates + b * G, H, scratch);
-    T* __restrict gi = g.i;
-    T* __restrict gg = g.g;
-    T* __restrict go = g.o;
-    T* __restrict gt1 = g.t1;
-    T* __restrict gf = g.f;
-    T* __restrict gt2 = g.t2;
+TRF_ALWAYS_INLINE void time_lstm_cells(int64_t b0, int64_t b1, int64_t j0, int64_t j1, int64_t H,
+                                       T* gates, const T* dt, const T* peep, const T* time_w,
+                                       T* c_state, T* cells, T* cts, T* out, T* h_state) {
+  constexpr TimeLstmLayout L = time_lstm_layout(V);
+  for (int64_t b = b0; b < b1; ++b) {
+    T* row = gates + b * L.gates * H;
+    T* __restrict gi = row + L.i * H;
+    T* __restrict gg = row + L.g * H;
+    T* __restrict go = row + L.o * H;
+    T* __restrict gt1 = row + L.t1 * H;
+    T* __restrict gf = row + (V != kTimeLstm3 ? L.f : L.i) * H;    // unused in variant 3
+    T* __restrict gt2 = row + (V != kTimeLstm1 ? L.t2 : L.t1) * H;  // unused in variant 1
     T* __restrict cs = c_state + b * H;
     T* __restrict cl = cells + b * H;
-    T* __restrict ctb = cts != nullptr ? cts + b * H : cl;
-    T* __restrict ho = h_out + b * H;
-    T* __restrict hs = h_state + b * H;
+    T* __restrict ctb = cts != nullptr ? cts + b * H : nullptr;
+    T* __restrict ho = out + b * H;
     const T d = dt[b];
 #pragma GCC ivdep
-    for (int64_t j = 0; j < H; ++j) {
+    for (int64_t j = j0; j < j1; ++j) {
       TimeLstmGates<T> a{gi[j], V != kTimeLstm3 ? gf[j] : T(0), gg[j], go[j], gt1[j],
                          V != kTimeLstm1 ? gt2[j] : T(0)};
       T c_next, ct, h;
@@ -71,13 +71,15 @@ TRF_ALWAYS_INLINE void time_lstm_forward_rows_v(TimeLstmLayout L, int64_t r0, in
       gg[j] = a.g;
       go[j] = a.o;
       gt1[j] = a.t1;
-      if constexpr (V != kTimeLstm1) gt2[j] = a.t2;
+      if constexpr (V != kTimeLstm1) {
+        gt2[j] = a.t2;
+        ctb[j] = ct;
+      }
       cs[j] = c_next;
       cl[j] = c_next;
-      if constexpr (V != kTimeLstm1) ctb[j] = ct;
       ho[j] = h;
-      hs[j] = h;
     }
+    if (h_state != nullptr) std::memcpy(h_state + b * H + j0, ho + j0, (j1 - j0) * sizeof(T));
   }
 }
 
@@ -169,14 +171,14 @@ TRF_ALWAYS_INLINE void time_lstm_forward_rows_impl(int variant, TimeLstmLayout L
                                                    T* cells, T* cts, T* h_out, T* h_state) {
   switch (variant) {
     case kTimeLstm1:
-      return time_lstm_forward_rows_v<T, kTimeLstm1>(L, r0, r1, H, gates, dt, peep, time_w,
-                                                     c_state, cells, cts, h_out, h_state);
+      return time_lstm_cells<T, kTimeLstm1>(r0, r1, 0, H, H, gates, dt, peep, time_w,
+                                            c_state, cells, cts, h_out, h_state);
     case kTimeLstm2:
-      return time_lstm_forward_rows_v<T, kTimeLstm2>(L, r0, r1, H, gates, dt, peep, time_w,
-                                                     c_state, cells, cts, h_out, h_state);
+      return time_lstm_cells<T, kTimeLstm2>(r0, r1, 0, H, H, gates, dt, peep, time_w,
+                                            c_state, cells, cts, h_out, h_state);
     default:
-      return time_lstm_forward_rows_v<T, kTimeLstm3>(L, r0, r1, H, gates, dt, peep, time_w,
-                                                     c_state, cells, cts, h_out, h_state);
+      return time_lstm_cells<T, kTimeLstm3>(r0, r1, 0, H, H, gates, dt, peep, time_w,
+                                            c_state, cells, cts, h_out, h_state);
   }
 }
 
@@ -435,7 +437,6 @@ struct TimeLstmFusedRows {
 // The cell on rows [b0, b1) x units [j0, j1) of one step (the rows' pointers are the step's).
 template <typename T, int V>
 struct TimeLstmFusedEpilogue {
-  static constexpr TimeLstmLayout L = time_lstm_layout(V);
   int64_t H;
   T* g;
   const T* dt;
@@ -443,39 +444,8 @@ struct TimeLstmFusedEpilogue {
   const T* time_w;
   T *c_state, *cells, *cts, *out;
   TRF_ALWAYS_INLINE void operator()(int64_t b0, int64_t b1, int64_t j0, int64_t j1) const {
-    for (int64_t b = b0; b < b1; ++b) {
-      T* row = g + b * L.gates * H;
-      T* __restrict gi = row + L.i * H;
-      T* __restrict gg = row + L.g * H;
-      T* __restrict go = row + L.o * H;
-      T* __restrict gt1 = row + L.t1 * H;
-      T* __restrict gf = row + (V != kTimeLstm3 ? L.f : L.i) * H;    // unused in variant 3
-      T* __restrict gt2 = row + (V != kTimeLstm1 ? L.t2 : L.t1) * H;  // unused in variant 1
-      T* __restrict cs = c_state + b * H;
-      T* __restrict cl = cells + b * H;
-      T* __restrict ctb = cts != nullptr ? cts + b * H : nullptr;
-      T* __restrict ho = out + b * H;
-      const T d = dt[b];
-#pragma GCC ivdep
-      for (int64_t j = j0; j < j1; ++j) {
-        TimeLstmGates<T> a{gi[j], V != kTimeLstm3 ? gf[j] : T(0), gg[j], go[j], gt1[j],
-                           V != kTimeLstm1 ? gt2[j] : T(0)};
-        T c_next, ct, h;
-        time_lstm_cell_forward(V, a, cs[j], d, unit_weights(peep, time_w, H, j), c_next, ct, h);
-        gi[j] = a.i;
-        if constexpr (V != kTimeLstm3) gf[j] = a.f;
-        gg[j] = a.g;
-        go[j] = a.o;
-        gt1[j] = a.t1;
-        if constexpr (V != kTimeLstm1) {
-          gt2[j] = a.t2;
-          ctb[j] = ct;
-        }
-        cs[j] = c_next;
-        cl[j] = c_next;
-        ho[j] = h;
-      }
-    }
+    time_lstm_cells<T, V>(b0, b1, j0, j1, H, g, dt, peep, time_w, c_state, cells, cts, out,
+                          nullptr);
   }
 };
 
