@@ -322,3 +322,40 @@ def test_time_lstm_gate_math_fp32(threads, scale, variant):
             assert a is None or not a.abs().any()
         else:
             torch.testing.assert_close(a, b.float(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("cfg", [
+    dict(num_layers=2, bidirectional=True, batch_first=True, bias=False, hx=True),
+    dict(num_layers=1, bidirectional=False, batch_first=False, bias=True, hx=True),
+    dict(num_layers=2, bidirectional=False, batch_first=False, bias=True, hx=False),
+], ids=["L2-bi-bf-nobias-hx", "L1-uni-tf-bias-hx", "L2-uni-tf-bias-nohx"])
+@pytest.mark.parametrize("variant", ["time_lstm1", "time_lstm2", "time_lstm3"])
+def test_time_lstm_fused_options(threads, variant, cfg):
+    """The fused Time-LSTM forward (20 rows a step) under the module options the small-batch
+    grid of test_time_lstm.py runs unfused: layers, directions, batch_first, no bias, given
+    initial states (their gradients included); fp64 against the reference."""
+    threads(2)
+    torch.manual_seed(0)
+    layers, dirs = cfg["num_layers"], 2 if cfg["bidirectional"] else 1
+    m = timerec_fast.TimeLSTM(5, 20, variant=variant, num_layers=layers,
+                              bidirectional=cfg["bidirectional"], batch_first=cfg["batch_first"],
+                              bias=cfg["bias"], dtype=torch.float64)
+    shape = (20, 4) if cfg["batch_first"] else (4, 20)
+    x = torch.randn(*shape, 5, dtype=torch.float64, requires_grad=True)
+    dt = (torch.rand(*shape, dtype=torch.float64) * 3).requires_grad_(True)
+    hx = None
+    if cfg["hx"]:
+        hx = tuple(torch.randn(layers * dirs, 20, 20, dtype=torch.float64, requires_grad=True)
+                   for _ in range(2))
+    leaves = [x, dt] + (list(hx) if hx else []) + list(m.parameters())
+    results = []
+    for fn in (m, lambda i, d, h: reference_cells.reference_time_lstm(m, i, d, h)):
+        out, (h_n, c_n) = fn(x, dt, hx)
+        loss = (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum() \
+            + h_n.square().sum() + c_n.sum()
+        results.append((out, h_n, c_n) + torch.autograd.grad(loss, leaves, allow_unused=True))
+    for a, b in zip(*results):
+        if b is None:
+            assert a is None or not a.abs().any()
+        else:
+            torch.testing.assert_close(a, b, **TOL[torch.float64])

@@ -231,6 +231,18 @@ def test_gradcheck_time_lstm_forward_no_bias():
     _gradcheck(TL_OP, _time_lstm_args(2, True, bias=False))
 
 
+# At least 16 rows per step on average: the forward runs fused on the panel kernel where the CPU
+# has AVX2/AVX-512 (tests/test_cpu_paths.py covers its thread splits and GEMM modes).
+FUSED_PACKED = [17, 17, 16]
+
+
+@pytest.mark.parametrize("variant", [1, 2, 3])
+@pytest.mark.usefixtures("one_thread")
+def test_gradcheck_time_lstm_forward_fused_rows(variant):
+    _gradcheck(TL_OP, _time_lstm_args(variant, variant == 2, bias=variant != 3,
+                                      batch_sizes=FUSED_PACKED))
+
+
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
 @pytest.mark.usefixtures("one_thread")
@@ -248,12 +260,15 @@ def test_time_lstm_op_unused_slots_get_zero_grad():
         assert g.abs().sum() > 0
 
 
-@pytest.mark.parametrize("sample", ["v1-fwd", "v2-rev-nobias", "v3-rev-f32-padded"])
+@pytest.mark.parametrize("sample", ["v1-fwd", "v2-rev-nobias", "v3-rev-f32-padded",
+                                    "v3-fused-rows"])
 def test_opcheck_time_lstm_forward(sample):
     if sample == "v1-fwd":
         args = _time_lstm_args(1, False)
     elif sample == "v2-rev-nobias":
         args = _time_lstm_args(2, True, bias=False)
+    elif sample == "v3-fused-rows":
+        args = _time_lstm_args(3, False, batch_sizes=FUSED_PACKED)
     else:
         args = _time_lstm_args(3, True, dtype=torch.float32, batch_sizes=[2, 2, 2])
     torch.library.opcheck(TL_OP, tuple(args))
