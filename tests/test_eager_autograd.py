@@ -6,11 +6,17 @@ autograd registered with torch.library.register_autograd. All run the same setup
 backward around the same kernels, so outputs and every gradient must be bit-identical, and each
 path must really be the one recorded in the graph.
 """
+import os
+import sys
+
 import pytest
 import torch
 
 import timerec_fast
 from timerec_fast import ops
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import reference_cells  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -80,6 +86,60 @@ def test_eager_and_registered_autograd_agree(name):
     assert all(g is not None for g in grads_e)
     for a, b in zip(grads_e, grads_r):
         assert torch.equal(a, b)
+
+
+def _reference_of(name, module):
+    """The module's reference: torch.nn with the same weights, or the time cells' step loop."""
+    if name in ("lstm", "gru"):
+        ref_cls = torch.nn.LSTM if name == "lstm" else torch.nn.GRU
+        kwargs = dict(num_layers=module.num_layers, bidirectional=module.bidirectional)
+        if name == "lstm":
+            kwargs["proj_size"] = module.proj_size
+        ref = ref_cls(module.input_size, module.hidden_size, **kwargs).double()
+        ref.load_state_dict(module.state_dict())
+        return lambda x, dt: ref(x), list(ref.parameters())
+    return lambda x, dt: reference_cells.reference_time_lstm(module, x, dt), \
+        list(module.parameters())
+
+
+@pytest.mark.parametrize("which", ["output", "h_n", "c_n"])
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_gradient_through_one_output(name, which):
+    """The loss on one output alone. The forwards turn off autograd's zero-filling of missing
+    output gradients (ctx.set_materialize_grads(False)), so the backward ops get None for the
+    other outputs and must treat it as zeros: both paths against the reference."""
+    if name == "gru" and which == "c_n":
+        pytest.skip("GRU has no cell state")
+    module, takes_dt = MODULES[name]()
+    module.double()
+    torch.manual_seed(2)
+    x = torch.randn(T, B, I, dtype=torch.float64)
+    dt = torch.rand(T, B, dtype=torch.float64)
+    reference, ref_params = _reference_of(name, module)
+
+    def grads(fn, params):
+        xs = x.clone().requires_grad_(True)
+        dts = dt.clone().requires_grad_(True)
+        out, states = fn(xs, dts)
+        states = states if isinstance(states, tuple) else (states,)
+        picked = {"output": out, "h_n": states[0], "c_n": states[-1]}[which]
+        leaves = [xs] + ([dts] if takes_dt else []) + params
+        return torch.autograd.grad(picked.sin().sum(), leaves, allow_unused=True)
+
+    want = grads(reference, ref_params)
+    for eager in (True, False):
+        old = ops.EAGER_AUTOGRAD
+        ops.EAGER_AUTOGRAD = eager
+        try:
+            got = grads(lambda xs, dts: module(xs, dts) if takes_dt else module(xs),
+                        list(module.parameters()))
+        finally:
+            ops.EAGER_AUTOGRAD = old
+        for a, b in zip(got, want):
+            if b is None:
+                assert a is None or not a.abs().any()
+            else:
+                torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
 
 
 @pytest.mark.parametrize("cell", ["LSTMCell", "GRUCell"])
