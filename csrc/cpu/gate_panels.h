@@ -573,7 +573,9 @@ inline PanelSplit choose_panel_split(const Schedule& s, const GatePanels& w, siz
   const int threads = unit_split_threads();
   if (threads < 2 || s.steps == 0) return p;
   const int64_t w_bytes = w.panel_size() * w.chunks * static_cast<int64_t>(elem_size);
-  const int64_t work_per_step = s.rows / std::max<int64_t>(s.steps, 1) * w.panel_size() / w.lanes * w.H;
+  // panel_size / lanes: multiply-adds per row and unit.
+  const int64_t work_per_step =
+      s.rows / std::max<int64_t>(s.steps, 1) * w.panel_size() / w.lanes * w.H;
   const bool enough_rows = s.batch / min_rows_per_block >= threads;
   // Below ~32K multiply-adds per step the barrier (~1 us) costs more than the split saves (GRU,
   // B = 1, H = 128: 49K per step, 3.0 us single-threaded, 2.1 us split over 2 threads).

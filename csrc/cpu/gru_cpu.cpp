@@ -280,12 +280,12 @@ TRF_DEFINE_GRU_FUSED(double)
 
 template <typename T>
 void gru_forward_fused(PanelIsa isa, const Schedule& s, int64_t H, const at::Tensor& w_hh,
-                       const T* b_hh, T* gates, T* hn, T* out, T* h_state, const T* h0) {
+                       const T* b_hh, T* gates, T* hn, T* out, T* h_state, const T* h0,
+                       const PanelSplit& split) {
 #if TRF_HAVE_PANELS
   const GatePanels w = gate_panels_for(w_hh, 3, H, panel_lanes(isa, sizeof(T)));
   const T* w_hh_p = w_hh.data_ptr<T>();
   const GruFusedArgs<T> args{&s, &w, w.storage.data_ptr<T>(), H, b_hh, gates, hn, out, h0};
-  const PanelSplit split = choose_panel_split(s, w, sizeof(T), kMinRowsPerBlock);
   run_panel_split(s, w, split, kMinRowsPerBlock,
                   [&](int64_t u0, int64_t u1) {
                     pack_gate_chunks<T>(w, w_hh_p, static_cast<const T*>(nullptr), u0, u1);
@@ -325,13 +325,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_forward_cpu(
   at::Tensor h_state = h0.clone(at::MemoryFormat::Contiguous);
   at::Tensor b_hh_c = b_hh.has_value() ? b_hh->contiguous() : at::Tensor();
   PanelIsa isa = panel_isa();
+  // The thread split of the fused loop, decided once (gru_forward_fused runs it as given).
+  const size_t elem = input.element_size();
+  const PanelSplit split =
+      isa != PanelIsa::kNone
+          ? choose_panel_split(s, panel_geometry(0, H, H, 3, panel_lanes(isa, elem)), elem,
+                               kMinRowsPerBlock)
+          : PanelSplit{};
   // A handful of rows per step: the small-GEMM loop is as fast single-threaded (B = 1: 3.0 vs
   // 3.2 us a step at H = 128); the panels win there only when split over threads by units.
-  if (isa != PanelIsa::kNone && B <= kSmallGemmRows &&
-      !choose_panel_split(s, panel_geometry(0, H, H, 3, panel_lanes(isa, input.element_size())),
-                          input.element_size(), kMinRowsPerBlock)
-           .by_units)
-    isa = PanelIsa::kNone;
+  if (isa != PanelIsa::kNone && B <= kSmallGemmRows && !split.by_units) isa = PanelIsa::kNone;
   if (isa != PanelIsa::kNone && s.steps > 0) {
     at::Tensor h0_c = h0.contiguous();
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "timerec_fast_gru_forward_fused", [&] {
@@ -339,7 +342,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_forward_cpu(
                                   b_hh.has_value() ? b_hh_c.data_ptr<scalar_t>() : nullptr,
                                   gates.data_ptr<scalar_t>(), hn.data_ptr<scalar_t>(),
                                   out.data_ptr<scalar_t>(), h_state.data_ptr<scalar_t>(),
-                                  h0_c.data_ptr<scalar_t>());
+                                  h0_c.data_ptr<scalar_t>(), split);
     });
     return {out, h_state, gates, hn};
   }

@@ -165,8 +165,8 @@ TRF_ALWAYS_INLINE void time_lstm_backward_rows_v(TimeLstmLayout L, int64_t r0, i
 }
 
 template <typename T>
-TRF_ALWAYS_INLINE void time_lstm_forward_rows_impl(int variant, TimeLstmLayout L, int64_t r0,
-                                                   int64_t r1, int64_t H, T* gates, const T* dt,
+TRF_ALWAYS_INLINE void time_lstm_forward_rows_impl(int variant, int64_t r0, int64_t r1,
+                                                   int64_t H, T* gates, const T* dt,
                                                    const T* peep, const T* time_w, T* c_state,
                                                    T* cells, T* cts, T* h_out, T* h_state) {
   switch (variant) {
@@ -263,12 +263,12 @@ TRF_ALWAYS_INLINE void tlstm_backward_rows_impl(int64_t r0, int64_t r1, int64_t 
 }
 
 #define TRF_DEFINE_TIME_ROWS(T)                                                                  \
-  TRF_CPU_CLONES void time_lstm_forward_rows(int variant, TimeLstmLayout L, int64_t r0,          \
-                                             int64_t r1, int64_t H, T* gates, const T* dt,       \
-                                             const T* peep, const T* time_w, T* c_state,         \
-                                             T* cells, T* cts, T* h_out, T* h_state) {           \
-    time_lstm_forward_rows_impl<T>(variant, L, r0, r1, H, gates, dt, peep, time_w, c_state,      \
-                                   cells, cts, h_out, h_state);                                  \
+  TRF_CPU_CLONES void time_lstm_forward_rows(int variant, int64_t r0, int64_t r1, int64_t H,     \
+                                             T* gates, const T* dt, const T* peep,               \
+                                             const T* time_w, T* c_state, T* cells, T* cts,      \
+                                             T* h_out, T* h_state) {                             \
+    time_lstm_forward_rows_impl<T>(variant, r0, r1, H, gates, dt, peep, time_w, c_state, cells,  \
+                                   cts, h_out, h_state);                                         \
   }                                                                                              \
   TRF_CPU_CLONES void time_lstm_backward_rows(                                                   \
       int variant, TimeLstmLayout L, int64_t r0, int64_t r1, int64_t H, const T* gates,          \
@@ -313,7 +313,7 @@ void time_lstm_forward_block(int variant, TimeLstmLayout L, const Schedule& s, R
     T* g = gates + off * G;
     recurrent_gemm<T>(n, H, Gh, hs, H, w_hh, g, G, /*accumulate=*/true);
     for_rows(n, G, [&](int64_t r0, int64_t r1) {
-      time_lstm_forward_rows(variant, L, r0, r1, H, g, dt + off, peep, time_w, cs, cells + off * H,
+      time_lstm_forward_rows(variant, r0, r1, H, g, dt + off, peep, time_w, cs, cells + off * H,
                              cts != nullptr ? cts + off * H : nullptr, out + off * H, hs);
     });
   }
@@ -614,9 +614,9 @@ time_lstm_forward_cpu(const at::Tensor& input, const at::Tensor& delta_t,
   const PanelIsa isa = panel_isa();
   if (isa != PanelIsa::kNone && fuse_input_projection(s)) {
     const size_t elem = input.element_size();
-    const PanelSplit split = choose_panel_split(
-        s, panel_geometry(input.size(1), d.H, d.H, L.gates, panel_lanes(isa, elem), L.h_gates), elem,
-        kMinRowsPerBlock);
+    const GatePanels geometry =
+        panel_geometry(input.size(1), d.H, d.H, L.gates, panel_lanes(isa, elem), L.h_gates);
+    const PanelSplit split = choose_panel_split(s, geometry, elem, kMinRowsPerBlock);
     at::Tensor gates = workspace_empty({d.N, L.gates * d.H}, opts);
     at::Tensor x = input.contiguous(), h0_c = h0.contiguous();
     at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
