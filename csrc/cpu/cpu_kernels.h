@@ -9,6 +9,7 @@
 #include <cstring>
 
 #include "../rnn_common.h"
+#include "workspace.h"
 
 // The pointwise row kernels are compiled once per ISA level and picked at load time (GCC function
 // multi-versioning), so a portable wheel still runs AVX-512/AVX2 gate loops where the CPU has them.
@@ -126,6 +127,21 @@ void gather_prev_states(const Schedule& s, const T* all_rows, const T* init, int
       std::memcpy(dst + b * ld, b < prev.carried ? prev.carried_block + b * width : init + b * width,
                   row_bytes);
   }
+}
+
+// The gradient of a large output as a contiguous matrix, or zeros when it has none, in a
+// workspace buffer (workspace.h). A loss like out.sum() hands the backward an expanded, zero-stride
+// gradient; copied into fresh memory by .contiguous() it paid a page fault per 4 KB (aten::copy_
+// 1.2 ms of a 40 ms Time-LSTM training step at (256, 50, 128, 128)). In one process alternating
+// with .contiguous(), median of 10 pairs: that step 1.0 ms shorter (0.985x), the GRU's at
+// (256, 50, 64, 64) 0.97x.
+inline at::Tensor cpu_grad_or_zeros(const c10::optional<at::Tensor>& g, at::IntArrayRef shape,
+                                    const at::Tensor& like) {
+  const bool given = g.has_value() && g->defined();
+  if (given && g->is_contiguous()) return *g;
+  at::Tensor out = workspace_empty(shape, like.options());
+  if (given) out.copy_(*g); else out.zero_();
+  return out;
 }
 
 inline void check_cpu_dtype(const at::Tensor& input, const char* op) {

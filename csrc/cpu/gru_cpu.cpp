@@ -374,7 +374,7 @@ gru_backward_cpu(const c10::optional<at::Tensor>& grad_output,
   check_matrix(hn, "hn", N, H, input);
   check_matrix(output, "output", N, H, input);
   auto opts = input.options();
-  at::Tensor gy = grad_or_zeros(grad_output, {N, H}, input);
+  at::Tensor gy = cpu_grad_or_zeros(grad_output, {N, H}, input);
   at::Tensor dh_state = grad_or_zeros(grad_h_n, {B, H}, input).clone(at::MemoryFormat::Contiguous);
   at::Tensor dxg = workspace_empty({N, 3 * H}, opts);
   at::Tensor dhg_step = workspace_empty({B, 3 * H}, opts);  // each row block uses its own rows

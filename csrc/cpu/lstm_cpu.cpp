@@ -524,7 +524,7 @@ lstm_backward_cpu(const c10::optional<at::Tensor>& grad_output,
   if (d.proj) check_matrix(hpre, "hpre", d.N, d.H, input);
 
   auto opts = input.options();
-  at::Tensor gy = grad_or_zeros(grad_output, {d.N, d.P}, input);
+  at::Tensor gy = cpu_grad_or_zeros(grad_output, {d.N, d.P}, input);
   at::Tensor dh_state = grad_or_zeros(grad_h_n, {d.B, d.P}, input).clone(at::MemoryFormat::Contiguous);
   at::Tensor dc_state = grad_or_zeros(grad_c_n, {d.B, d.H}, input).clone(at::MemoryFormat::Contiguous);
   at::Tensor dgates = workspace_empty({d.N, G}, opts);

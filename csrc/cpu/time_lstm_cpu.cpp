@@ -667,7 +667,7 @@ time_lstm_backward_cpu(const c10::optional<at::Tensor>& grad_output,
   check_matrix(cells, "cells", d.N, H, input);
   if (variant != kTimeLstm1) check_matrix(cts, "cts", d.N, H, input);
   auto opts = input.options();
-  at::Tensor gy = grad_or_zeros(grad_output, {d.N, H}, input);
+  at::Tensor gy = cpu_grad_or_zeros(grad_output, {d.N, H}, input);
   at::Tensor dh_state = grad_or_zeros(grad_h_n, {d.B, H}, input).clone(at::MemoryFormat::Contiguous);
   at::Tensor dc_state = grad_or_zeros(grad_c_n, {d.B, H}, input).clone(at::MemoryFormat::Contiguous);
   at::Tensor dgates = workspace_empty({d.N, G}, opts);
@@ -755,7 +755,7 @@ tlstm_backward_cpu(const c10::optional<at::Tensor>& grad_output,
   check_matrix(cells, "cells", d.N, H, input);
   check_matrix(cs, "cs", d.N, H, input);
   auto opts = input.options();
-  at::Tensor gy = grad_or_zeros(grad_output, {d.N, H}, input);
+  at::Tensor gy = cpu_grad_or_zeros(grad_output, {d.N, H}, input);
   at::Tensor dh_state = grad_or_zeros(grad_h_n, {d.B, H}, input).clone(at::MemoryFormat::Contiguous);
   at::Tensor dc_state = grad_or_zeros(grad_c_n, {d.B, H}, input).clone(at::MemoryFormat::Contiguous);
   at::Tensor dgates = workspace_empty({d.N, 4 * H}, opts);
