@@ -115,7 +115,8 @@ void gru_forward_block(const Schedule& s, RowBlock blk, int64_t H, const Recurre
 template <typename T>
 void gru_backward_block(const Schedule& s, RowBlock blk, int64_t H, const RecurrentWeight<T>& w_hh,
                         const T* gates, const T* hn, const T* out, const T* h0, const T* grad_out,
-                        T* dh_state, T* dxg, T* dhg_step, T* dhn) {
+                        T* dh_state, T* dxg, T* dhg_step, T* dhn,
+                        const PrevStateGather<T>& gather, T* dxg_sums, T* dhn_sums) {
   const int64_t G = 3 * H;
   for (int64_t k = s.steps - 1; k >= 0; --k) {
     const int64_t t = s.time_at(k);
@@ -129,6 +130,9 @@ void gru_backward_block(const Schedule& s, RowBlock blk, int64_t H, const Recurr
     });
     recurrent_gemm<T>(n, G, H, dhg_step + blk.lo * G, G, w_hh, dh_state + blk.lo * H, H,
                       /*accumulate=*/true);
+    gather.rows(s, k, t, blk.lo, n);
+    add_column_sums(static_cast<const T*>(dxg + base * G), G, blk.lo, n, dxg_sums);
+    add_column_sums(static_cast<const T*>(dhn + base * H), H, blk.lo, n, dhn_sums);
   }
 }
 
@@ -382,18 +386,24 @@ gru_backward_cpu(const c10::optional<at::Tensor>& grad_output,
   at::Tensor h_prev = workspace_empty({N, H}, opts);
   at::Tensor gates_c = gates.contiguous(), hn_c = hn.contiguous(), out_c = output.contiguous();
   at::Tensor h0_c = h0.contiguous(), w_hh_c = w_hh.contiguous();
+  const auto blocks = split_batch(s, kMinRowsPerBlock);
+  // Per row block: the column sums of dxg (3H) and of dhn (H), the bias gradients' partial sums.
+  at::Tensor sums = at::zeros({static_cast<int64_t>(blocks.size()), 4 * H}, opts);
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "timerec_fast_gru_backward", [&] {
     const auto w_hh_r = RecurrentWeight<scalar_t>::prepare(w_hh_c, panel_isa_for_rows(B));
-    for_blocks(split_batch(s, kMinRowsPerBlock), [&](RowBlock blk) {
+    const PrevStateGather<scalar_t> gather{nullptr, 0, out_c.data_ptr<scalar_t>(),
+                                           h0_c.data_ptr<scalar_t>(), H,
+                                           h_prev.data_ptr<scalar_t>()};
+    for_blocks(blocks, [&](const RowBlock& blk) {  // by reference: its index picks its sums
+      scalar_t* block_sums = sums.data_ptr<scalar_t>() + (&blk - blocks.data()) * 4 * H;
       gru_backward_block<scalar_t>(s, blk, H, w_hh_r,
                                    gates_c.data_ptr<scalar_t>(), hn_c.data_ptr<scalar_t>(),
                                    out_c.data_ptr<scalar_t>(), h0_c.data_ptr<scalar_t>(),
                                    gy.data_ptr<scalar_t>(), dh_state.data_ptr<scalar_t>(),
                                    dxg.data_ptr<scalar_t>(), dhg_step.data_ptr<scalar_t>(),
-                                   dhn.data_ptr<scalar_t>());
+                                   dhn.data_ptr<scalar_t>(), gather, block_sums,
+                                   block_sums + 3 * H);
     });
-    gather_prev_states<scalar_t>(s, out_c.data_ptr<scalar_t>(), h0_c.data_ptr<scalar_t>(), H,
-                                 h_prev.data_ptr<scalar_t>());
   });
   at::Tensor grad_input = input_grad ? at::mm(dxg, w_ih) : at::empty({0}, opts);
   // The hidden side's r and z gradients are the input side's: dW_hh and b_hh reuse dxg for them.
@@ -402,8 +412,10 @@ gru_backward_cpu(const c10::optional<at::Tensor>& grad_output,
   at::Tensor grad_w_hh_n = grad_w_hh.narrow(0, 2 * H, H);
   at::mm_out(grad_w_hh_rz, dxg.narrow(1, 0, 2 * H).t(), h_prev);
   at::mm_out(grad_w_hh_n, dhn.t(), h_prev);
-  at::Tensor grad_b_ih = dxg.sum(0);
-  at::Tensor grad_b_hh = at::cat({grad_b_ih.narrow(0, 0, 2 * H), dhn.sum(0)});
+  // The hidden side's r and z bias gradients are the input side's too.
+  const at::Tensor total = sums.sum(0);
+  at::Tensor grad_b_ih = total.narrow(0, 0, 3 * H);
+  at::Tensor grad_b_hh = at::cat({total.narrow(0, 0, 2 * H), total.narrow(0, 3 * H, H)});
   return {grad_input, dh_state, at::mm(dxg.t(), input), grad_w_hh, grad_b_ih, grad_b_hh};
 }
 

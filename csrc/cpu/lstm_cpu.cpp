@@ -166,7 +166,8 @@ template <typename T>
 void lstm_backward_block(const Schedule& s, RowBlock blk, int64_t H, int64_t P,
                          const RecurrentWeight<T>& w_hh, const T* w_hr, const T* gates,
                          const T* cells, const T* c0,
-                         const T* grad_out, T* dh_state, T* dc_state, T* dgates, T* dy, T* dhpre) {
+                         const T* grad_out, T* dh_state, T* dc_state, T* dgates, T* dy, T* dhpre,
+                         const PrevStateGather<T>& gather, T* db) {
   const int64_t G = 4 * H;
   for (int64_t k = s.steps - 1; k >= 0; --k) {
     const int64_t t = s.time_at(k);
@@ -196,6 +197,8 @@ void lstm_backward_block(const Schedule& s, RowBlock blk, int64_t H, int64_t P,
     // dh_{t-1} = dGates_t W_hh
     recurrent_gemm<T>(n, G, P, dg + blk.lo * G, G, w_hh, dh_state + blk.lo * P, P,
                       /*accumulate=*/false);
+    gather.rows(s, k, t, blk.lo, n);
+    add_column_sums(static_cast<const T*>(dg), G, blk.lo, n, db);
   }
 }
 
@@ -536,34 +539,40 @@ lstm_backward_cpu(const c10::optional<at::Tensor>& grad_output,
   // [x, h_prev] side by side: dW_ih and dW_hh come out of one GEMM, so MKL packs dGates^T once
   // (its packing copies were 8.8% of a training step at (256, 50, 64, 64)). In one process
   // alternating with two GEMMs, training step, median of 20-30 pairs: 1.01-1.06x at
-  // (256, 50, 64, 64), 1.00x at 128, 1.02-1.05x at (64, 200, 128, 256).
+  // (256, 50, 64, 64), 1.00x at 128, 1.02-1.05x at (64, 200, 128, 256). Each row block fills its
+  // rows of it, and sums its rows of dGates for the bias gradient, in the BPTT loop.
   const int64_t I = d.I;
   at::Tensor xh = workspace_empty({d.N, I + d.P}, opts);
-  at::Tensor out_c = output.contiguous(), h0_c = h0.contiguous();
+  at::Tensor x_c = input.contiguous(), out_c = output.contiguous(), h0_c = h0.contiguous();
+  const auto blocks = split_batch(s, kMinRowsPerBlock);
+  at::Tensor db_blocks = at::zeros({static_cast<int64_t>(blocks.size()), G}, opts);
 
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "timerec_fast_lstm_backward", [&] {
     // dh_{t-1} = dG_t W_hh on W_hh packed once (gate_panels.h), not re-read by BLAS every step.
     const auto w_hh_r = RecurrentWeight<scalar_t>::prepare(w_hh_c, panel_isa_for_rows(d.B));
-    for_blocks(split_batch(s, kMinRowsPerBlock), [&](RowBlock blk) {
+    const PrevStateGather<scalar_t> gather{x_c.data_ptr<scalar_t>(), I,
+                                           out_c.data_ptr<scalar_t>(),
+                                           h0_c.data_ptr<scalar_t>(), d.P,
+                                           xh.data_ptr<scalar_t>()};
+    scalar_t* db = db_blocks.data_ptr<scalar_t>();
+    for_blocks(blocks, [&](const RowBlock& blk) {  // by reference: its index picks its db row
+      const int64_t index = &blk - blocks.data();
       lstm_backward_block<scalar_t>(
           s, blk, d.H, d.P, w_hh_r,
           d.proj ? w_hr_c.data_ptr<scalar_t>() : nullptr, gates_c.data_ptr<scalar_t>(),
           cells_c.data_ptr<scalar_t>(), c0_c.data_ptr<scalar_t>(), gy.data_ptr<scalar_t>(),
           dh_state.data_ptr<scalar_t>(), dc_state.data_ptr<scalar_t>(),
           dgates.data_ptr<scalar_t>(), d.proj ? dy.data_ptr<scalar_t>() : nullptr,
-          d.proj ? dhpre.data_ptr<scalar_t>() : nullptr);
+          d.proj ? dhpre.data_ptr<scalar_t>() : nullptr, gather, db + index * G);
     });
-    gather_prev_states<scalar_t>(s, out_c.data_ptr<scalar_t>(), h0_c.data_ptr<scalar_t>(), d.P,
-                                 xh.data_ptr<scalar_t>() + I, I + d.P);
   });
 
   // Input and weight gradients: one large GEMM each over all steps (dx; [dW_ih, dW_hh]).
   at::Tensor grad_input = input_grad ? at::mm(dgates, w_ih) : at::empty({0}, opts);
-  xh.narrow(1, 0, I).copy_(input);
   const at::Tensor grad_w = at::mm(dgates.t(), xh);  // (4H, I + P)
   at::Tensor grad_w_ih = grad_w.narrow(1, 0, I).contiguous();
   at::Tensor grad_w_hh = grad_w.narrow(1, I, d.P).contiguous();
-  at::Tensor grad_bias = dgates.sum(0);
+  at::Tensor grad_bias = db_blocks.sum(0);
   at::Tensor grad_w_hr = d.proj ? at::mm(dy.t(), hpre) : at::empty({0}, opts);
   return {grad_input, dh_state, dc_state, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr};
 }

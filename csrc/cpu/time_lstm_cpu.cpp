@@ -89,6 +89,8 @@ template <typename T>
 struct TimeLstmGradAcc {
   T* sums;     // (6, H), accumulated over the block's rows
   T* scratch;  // (H)
+  T* bias_sums;                        // (G): column sums of the block's dgates
+  const PrevStateGather<T>* h_gather;  // fills the block's h_prev rows (for dW_hh)
 };
 
 // Absolute rows. dh = dh_state + grad_out; writes dgates (pre-activation gradients), dc_state,
@@ -340,6 +342,8 @@ void time_lstm_backward_block(int variant, TimeLstmLayout L, const Schedule& s, 
                             grad_dt + base, acc);
     recurrent_gemm<T>(n, Gh, H, dgates + (base + blk.lo) * G, G, w_hh, dh_state + blk.lo * H, H,
                       /*accumulate=*/false);
+    acc.h_gather->rows(s, k, t, blk.lo, n);
+    add_column_sums(static_cast<const T*>(dgates + base * G), G, blk.lo, n, acc.bias_sums);
   }
 }
 
@@ -371,7 +375,8 @@ void tlstm_backward_block(const Schedule& s, RowBlock blk, int64_t H,
                           const RecurrentWeight<T>& w_hh, const RecurrentWeight<T>& w_d,
                           const T* gates, const T* cells, const T* cs, const T* c0,
                           const T* dt, const T* grad_out, T* dh_state, T* dc_state, T* dgates,
-                          T* d_pre, T* dstar_cs) {
+                          T* d_pre, T* dstar_cs, const PrevStateGather<T>& h_gather,
+                          const PrevStateGather<T>& c_gather, T* gate_sums, T* d_pre_sums) {
   const int64_t G = 4 * H;
   for (int64_t k = s.steps - 1; k >= 0; --k) {
     const int64_t t = s.time_at(k);
@@ -389,6 +394,10 @@ void tlstm_backward_block(const Schedule& s, RowBlock blk, int64_t H,
                       /*accumulate=*/false);
     recurrent_gemm<T>(n, H, H, d_pre + row0 * H, H, w_d, dc_state + blk.lo * H, H,
                       /*accumulate=*/true);
+    h_gather.rows(s, k, t, blk.lo, n);
+    c_gather.rows(s, k, t, blk.lo, n);
+    add_column_sums(static_cast<const T*>(dgates + base * G), G, blk.lo, n, gate_sums);
+    add_column_sums(static_cast<const T*>(d_pre + base * H), H, blk.lo, n, d_pre_sums);
   }
 }
 
@@ -681,8 +690,12 @@ time_lstm_backward_cpu(const c10::optional<at::Tensor>& grad_output,
   const auto blocks = split_batch(s, kMinRowsPerBlock);
   const int64_t nb = static_cast<int64_t>(blocks.size());
   at::Tensor sums = at::zeros({nb, 6, H}, opts), scratch = at::empty({nb, H}, opts);
+  at::Tensor bias_sums = at::zeros({nb, G}, opts);
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "timerec_fast_time_lstm_backward", [&] {
     const auto w_hh_r = RecurrentWeight<scalar_t>::prepare(w_hh_c, panel_isa_for_rows(d.B));
+    const PrevStateGather<scalar_t> h_gather{nullptr, 0, out_c.data_ptr<scalar_t>(),
+                                             h0_c.data_ptr<scalar_t>(), H,
+                                             h_prev.data_ptr<scalar_t>()};
     for_blocks(blocks, [&](const RowBlock& blk) {
       const int64_t i = &blk - blocks.data();  // for_blocks passes the vector's own elements
       time_lstm_backward_block<scalar_t>(
@@ -694,15 +707,14 @@ time_lstm_backward_cpu(const c10::optional<at::Tensor>& grad_output,
           dc_state.data_ptr<scalar_t>(), dgates.data_ptr<scalar_t>(),
           grad_dt.data_ptr<scalar_t>(),
           TimeLstmGradAcc<scalar_t>{sums.data_ptr<scalar_t>() + i * 6 * H,
-                                    scratch.data_ptr<scalar_t>() + i * H});
+                                    scratch.data_ptr<scalar_t>() + i * H,
+                                    bias_sums.data_ptr<scalar_t>() + i * G, &h_gather});
     });
-    gather_prev_states<scalar_t>(s, out_c.data_ptr<scalar_t>(), h0_c.data_ptr<scalar_t>(), H,
-                                 h_prev.data_ptr<scalar_t>());
   });
   at::Tensor unit_grads = sums.sum(0);  // (6, H): p_i, p_f, p_o, w_t1, w_t2, w_o
   at::Tensor grad_input = input_grad ? at::mm(dgates, w_ih) : at::empty({0}, opts);
   return {grad_input, grad_dt, dh_state, dc_state, at::mm(dgates.t(), input),
-          at::mm(dgates.narrow(1, 0, Gh).t(), h_prev), dgates.sum(0),
+          at::mm(dgates.narrow(1, 0, Gh).t(), h_prev), bias_sums.sum(0),
           unit_grads.narrow(0, 0, 3).clone(), unit_grads.narrow(0, 3, 3).clone()};
 }
 
@@ -764,28 +776,37 @@ tlstm_backward_cpu(const c10::optional<at::Tensor>& grad_output,
   at::Tensor gates_c = gates.contiguous(), cells_c = cells.contiguous(), cs_c = cs.contiguous();
   at::Tensor c0_c = c0.contiguous(), h0_c = h0.contiguous(), out_c = output.contiguous();
   at::Tensor w_hh_c = w_hh.contiguous(), w_d_c = w_d.contiguous(), dt = delta_t.contiguous();
+  const auto blocks = split_batch(s, kMinRowsPerBlock);
+  // Per row block: column sums of dgates (4H) and of d_pre (H), the bias gradients' partial sums.
+  at::Tensor sums = at::zeros({static_cast<int64_t>(blocks.size()), 5 * H}, opts);
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "timerec_fast_tlstm_backward", [&] {
     const auto w_hh_r = RecurrentWeight<scalar_t>::prepare(w_hh_c, panel_isa_for_rows(d.B));
     const auto w_d_r = RecurrentWeight<scalar_t>::prepare(w_d_c, panel_isa_for_rows(d.B));
-    for_blocks(split_batch(s, kMinRowsPerBlock), [&](RowBlock blk) {
+    const PrevStateGather<scalar_t> h_gather{nullptr, 0, out_c.data_ptr<scalar_t>(),
+                                             h0_c.data_ptr<scalar_t>(), H,
+                                             h_prev.data_ptr<scalar_t>()};
+    const PrevStateGather<scalar_t> c_gather{nullptr, 0, cells_c.data_ptr<scalar_t>(),
+                                             c0_c.data_ptr<scalar_t>(), H,
+                                             c_prev.data_ptr<scalar_t>()};
+    for_blocks(blocks, [&](const RowBlock& blk) {  // by reference: its index picks its sums
+      scalar_t* block_sums = sums.data_ptr<scalar_t>() + (&blk - blocks.data()) * 5 * H;
       tlstm_backward_block<scalar_t>(
           s, blk, H, w_hh_r, w_d_r,
           gates_c.data_ptr<scalar_t>(), cells_c.data_ptr<scalar_t>(), cs_c.data_ptr<scalar_t>(),
           c0_c.data_ptr<scalar_t>(), dt.data_ptr<scalar_t>(), gy.data_ptr<scalar_t>(),
           dh_state.data_ptr<scalar_t>(), dc_state.data_ptr<scalar_t>(),
-          dgates.data_ptr<scalar_t>(), d_pre.data_ptr<scalar_t>(), dstar_cs.data_ptr<scalar_t>());
+          dgates.data_ptr<scalar_t>(), d_pre.data_ptr<scalar_t>(), dstar_cs.data_ptr<scalar_t>(),
+          h_gather, c_gather, block_sums, block_sums + 4 * H);
     });
-    gather_prev_states<scalar_t>(s, out_c.data_ptr<scalar_t>(), h0_c.data_ptr<scalar_t>(), H,
-                                 h_prev.data_ptr<scalar_t>());
-    gather_prev_states<scalar_t>(s, cells_c.data_ptr<scalar_t>(), c0_c.data_ptr<scalar_t>(), H,
-                                 c_prev.data_ptr<scalar_t>());
   });
+  const at::Tensor total = sums.sum(0);
   // d decay / d dt, elementwise on delta_t (the same formula as tlstm_decay_grad).
   at::Tensor l = at::log(delta_t + 2.718281828459045);
   at::Tensor grad_dt = dstar_cs.sum(1) * (-1.0 / (l * l * (delta_t + 2.718281828459045)));
   at::Tensor grad_input = input_grad ? at::mm(dgates, w_ih) : at::empty({0}, opts);
   return {grad_input, grad_dt, dh_state, dc_state, at::mm(dgates.t(), input),
-          at::mm(dgates.t(), h_prev), dgates.sum(0), at::mm(d_pre.t(), c_prev), d_pre.sum(0)};
+          at::mm(dgates.t(), h_prev), total.narrow(0, 0, 4 * H), at::mm(d_pre.t(), c_prev),
+          total.narrow(0, 4 * H, H)};
 }
 
 }  // namespace
