@@ -62,6 +62,7 @@ def main():
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                 text=True).stdout.strip()
         meta = dict(machine=platform.processor() or platform.machine(), cpu_model=info.cpu_model(),
+                    cpu_family_model=info.cpu_family_model(), cpu_caches=info.cpu_caches(),
                     threads=args.threads,
                     torch=torch.__version__, commit=commit, gemm_gflops=rate / 1e9,
                     runs=len(runs), gemm_gflops_runs=[round(r / 1e9, 1) for r in rates],

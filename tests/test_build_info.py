@@ -132,6 +132,17 @@ def test_build_info_dict():
     json.dumps(info)  # plain data
 
 
+def test_cpu_identity_for_benchmark_records():
+    from timerec_fast import info
+    caches = info.cpu_caches()
+    assert all(isinstance(k, str) and isinstance(v, str) for k, v in caches.items())
+    if os.path.isdir("/sys/devices/system/cpu/cpu0/cache"):
+        assert "L1d" in caches and caches["L1d"][0].isdigit(), caches
+    ident = info.cpu_family_model()
+    if ident is not None:
+        assert len(ident.split("/")) == 3 and all(p.isdigit() for p in ident.split("/")), ident
+
+
 def test_info_module_cli():
     res = subprocess.run([sys.executable, "-m", "timerec_fast.info"], capture_output=True,
                          text=True, timeout=120)

@@ -40,6 +40,36 @@ def cpu_model():
     return _cpuinfo_value("model name") or platform.processor() or platform.machine()
 
 
+def cpu_family_model():
+    """"family/model/stepping" from /proc/cpuinfo (x86), or None. Cloud VMs report one model name
+    ("Intel(R) Xeon(R) Processor") for different chips; the numbers tell them apart."""
+    values = [_cpuinfo_value(k) for k in ("cpu family", "model", "stepping")]
+    return "/".join(values) if all(values) else None
+
+
+def cpu_caches():
+    """Cache sizes of CPU 0 as sysfs reports them, e.g. {"L1d": "48K", "L2": "2048K"}."""
+    caches = {}
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        entries = sorted(os.listdir(base))
+    except OSError:
+        return caches
+    for entry in entries:
+        try:
+            with open(f"{base}/{entry}/level") as f:
+                level = f.read().strip()
+            with open(f"{base}/{entry}/type") as f:
+                kind = f.read().strip()
+            with open(f"{base}/{entry}/size") as f:
+                size = f.read().strip()
+        except OSError:
+            continue
+        suffix = {"Data": "d", "Instruction": "i"}.get(kind, "")
+        caches[f"L{level}{suffix}"] = size
+    return caches
+
+
 def _has_kernel(op, key):
     try:
         return bool(torch._C._dispatch_has_kernel_for_dispatch_key(f"timerec_fast::{op}", key))
