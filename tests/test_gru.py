@@ -243,6 +243,60 @@ def test_gru_op_matches_reference_and_gradcheck(reverse, bias):
     assert torch.autograd.gradcheck(fn, [args[i] for i in idx])
 
 
+# >= 16 rows a step: the CPU forward makes the input projection inside its per-step tiles, with
+# four gates [r, z, n_h, n_x] (csrc/cpu/gru_cpu.cpp); either bias alone changes their start values.
+FUSED_BATCH_SIZES = [18, 17, 16]
+
+
+@pytest.mark.parametrize("biases", ["both", "b_ih", "b_hh", "none"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+def test_gru_op_fused_input_rows(reverse, biases):
+    args = _op_args(True, reverse, batch_sizes=FUSED_BATCH_SIZES)
+    if biases in ("b_hh", "none"):
+        args[5] = None
+    if biases in ("b_ih", "none"):
+        args[6] = None
+    out, h_n, gates, hn = OP(*args)
+    want_out, want_h = _reference_gru_op(*args)
+    torch.testing.assert_close(out, want_out, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(h_n, want_h, rtol=1e-10, atol=1e-12)
+    idx = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.requires_grad]
+
+    def fn(*tensors):
+        call = list(args)
+        for i, tt in zip(idx, tensors):
+            call[i] = tt
+        return OP(*call)[:2]
+
+    assert torch.autograd.gradcheck(fn, [args[i] for i in idx])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("layers,bidirectional,batch_first,bias,give_hx",
+                         [(1, False, False, True, False), (2, True, True, True, True),
+                          (1, True, False, False, True), (2, False, True, False, False)])
+def test_gru_fused_input_parity(dtype, layers, bidirectional, batch_first, bias, give_hx):
+    # 32 rows a step at H = 32 (whole 16-unit chunks: the AVX-512 epilogue in fp32) and H = 40
+    # (a partial chunk: the scalar one), against torch.nn.GRU in values and every gradient.
+    for hidden in (32, 40):
+        ref, ours = _pair(dtype, input_size=16, hidden_size=hidden, num_layers=layers,
+                          bidirectional=bidirectional, batch_first=batch_first, bias=bias)
+        x = torch.randn((32, 6, 16) if batch_first else (6, 32, 16), dtype=dtype,
+                        requires_grad=True)
+        hx = (torch.randn(layers * (2 if bidirectional else 1), 32, hidden, dtype=dtype,
+                          requires_grad=True) if give_hx else None)
+        got, want = ours(x, hx), ref(x, hx)
+        for a, b, what in zip(got, want, ("output", "h_n")):
+            _close(a, b, dtype, what=what)
+        loss_terms = [(o[0] * torch.linspace(-1, 1, o[0].shape[-1], dtype=dtype)).sum() + o[1].sum()
+                      for o in (got, want)]
+        inputs = [x] + ([hx] if give_hx else [])
+        grads = [torch.autograd.grad(loss, inputs + list(m.parameters()))
+                 for loss, m in zip(loss_terms, (ours, ref))]
+        for a, b in zip(*grads):
+            _close(a, b, dtype, grad=True, what="gradient")
+
+
 @pytest.mark.parametrize("sample", ["packed-bias-fwd", "packed-nobias-rev", "padded-f32-rev"])
 def test_opcheck_gru_forward(sample):
     if sample == "packed-bias-fwd":

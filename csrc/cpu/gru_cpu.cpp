@@ -140,6 +140,13 @@ void gru_backward_block(const Schedule& s, RowBlock blk, int64_t H, const Recurr
 // Per tile: the hidden-side products h W_hh^T + b_hh of one unit chunk (into a per-thread scratch
 // row, since r multiplies only their n part), then the cell on those units. As in the LSTM, h_prev
 // comes from the previous step's output rows, so threads may split the hidden units.
+//
+// With enough rows per step (fuse_input_projection) the tile makes the input projection too, as
+// the LSTM's does, instead of reading back an (N, 3H) matrix one GEMM wrote for every step. r
+// multiplies only the hidden part of n, so the tile keeps four gates, [r, z, n_h, n_x]: x feeds
+// all four through W_ih' = [W_ir; W_iz; 0; W_in] (the zero block costs I multiply-adds of 4I + 3H
+// per unit), h the first three through W_hh = [W_hr; W_hz; W_hn] (GatePanels::h_gates = 3), and
+// the accumulators start from [b_ir + b_hr, b_iz + b_hz, b_hn, b_in].
 constexpr int64_t kScratchRows = 16;
 
 template <typename T>
@@ -148,22 +155,25 @@ struct GruFusedArgs {
   const GatePanels* w;
   const T* packed;
   int64_t H;
-  const T* b_hh;  // may be null
-  T* gates;       // (N, 3H) input projection, overwritten with r, z, n
-  T* hn;          // (N, H)
+  const T* bias;   // the tiles' starting values: b_hh (3H), or the four fused gates' (4H); or null
+  T* gates;        // (N, 3H): r, z, n; the input projection before them when not fused
+  T* hn;           // (N, H)
   T* out;
   const T* h0;
+  const T* input;  // (N, I) when the input projection is fused in (w->K1 = I > 0)
 };
 
 template <typename T>
 struct GruFusedRows {
   PrevRows<T> prev;
   T* scratch;
-  int64_t G;
-  const T* b_hh;
-  TRF_ALWAYS_INLINE const T* x_row(int64_t) const { return nullptr; }
+  int64_t G;  // a scratch row: 3H, or 4H with the input fused in
+  const T* bias;
+  const T* x;  // the step's input rows (fused input only)
+  int64_t I;
+  TRF_ALWAYS_INLINE const T* x_row(int64_t b) const { return x + b * I; }
   TRF_ALWAYS_INLINE const T* a(int64_t b) const { return prev.row(b); }
-  TRF_ALWAYS_INLINE const T* init(int64_t) const { return b_hh; }
+  TRF_ALWAYS_INLINE const T* init(int64_t) const { return bias; }
   TRF_ALWAYS_INLINE T* dst(int64_t b) const { return scratch + (b % kScratchRows) * G; }
 };
 
@@ -177,12 +187,26 @@ struct GruFusedEpilogue {
     prefetch_next(b0, b1, j0);
   }
   TRF_ALWAYS_INLINE void cells(int64_t b0, int64_t b1, int64_t j0, int64_t j1) const {
+    const bool fused_input = rows->I > 0;
     for (int64_t b = b0; b < b1; ++b) {
       T* x = g + b * 3 * H;
       const T* hg = rows->dst(b);
       const T* hp = rows->prev.row(b);
       T* hnb = hn + b * H;
       T* ho = out + b * H;
+      if (fused_input) {  // hg: [r, z, n_h, n_x], both sides summed in r and z
+#pragma GCC ivdep
+        for (int64_t j = j0; j < j1; ++j) {
+          T r = hg[j], z = hg[H + j], n = hg[3 * H + j];
+          const T hnj = hg[2 * H + j];
+          ho[j] = gru_cell_forward(r, z, n, T(0), T(0), hnj, hp[j]);
+          x[j] = r;
+          x[H + j] = z;
+          x[2 * H + j] = n;
+          hnb[j] = hnj;
+        }
+        continue;
+      }
 #pragma GCC ivdep
       for (int64_t j = j0; j < j1; ++j) {
         const T hnj = hg[2 * H + j];
@@ -219,13 +243,18 @@ struct GruFusedEpilogueAvx512 {
     if (j1 - j0 != 16) {
       e.cells(b0, b1, j0, j1);
     } else {
+      const bool fused_input = e.rows->I > 0;
       for (int64_t b = b0; b < b1; ++b) {
         float* x = e.g + b * 3 * H + j0;
         const float* hg = e.rows->dst(b) + j0;
         const __m512 hn = _mm512_loadu_ps(hg + 2 * H);
-        __m512 r = _mm512_loadu_ps(x), z = _mm512_loadu_ps(x + H), n = _mm512_loadu_ps(x + 2 * H);
-        const __m512 h = vec::gru_cell_forward16(r, z, n, _mm512_loadu_ps(hg),
-                                                 _mm512_loadu_ps(hg + H), hn,
+        // Fused input: r and z already hold both sides, n_x sits after n_h (see above).
+        __m512 r = _mm512_loadu_ps(fused_input ? hg : x);
+        __m512 z = _mm512_loadu_ps(fused_input ? hg + H : x + H);
+        __m512 n = _mm512_loadu_ps(fused_input ? hg + 3 * H : x + 2 * H);
+        const __m512 hr = fused_input ? _mm512_setzero_ps() : _mm512_loadu_ps(hg);
+        const __m512 hz = fused_input ? _mm512_setzero_ps() : _mm512_loadu_ps(hg + H);
+        const __m512 h = vec::gru_cell_forward16(r, z, n, hr, hz, hn,
                                                  _mm512_loadu_ps(e.rows->prev.row(b) + j0));
         _mm512_storeu_ps(x, r);
         _mm512_storeu_ps(x + H, z);
@@ -243,23 +272,35 @@ template <PanelIsa Isa, typename T>
 TRF_ALWAYS_INLINE void gru_fused_loop_impl(const GruFusedArgs<T>& A, int64_t b0, int64_t b1,
                                            int64_t u0, int64_t u1, bool barrier) {
   const Schedule& s = *A.s;
-  const int64_t H = A.H, G = 3 * H;
-  std::vector<T> scratch(kScratchRows * G);
+  const int64_t H = A.H, G = 3 * H, I = A.w->K1;
+  const int64_t scratch_row = I > 0 ? 4 * H : G;
+  std::vector<T> scratch(kScratchRows * scratch_row);
   for (int64_t k = 0; k < s.steps; ++k) {
     const int64_t t = s.time_at(k);
     const int64_t e = std::min(b1, s.batch_sizes[t]);
     if (e > b0 && u1 > u0) {
       const int64_t off = s.offsets[t];
       const GruFusedRows<T> rows{prev_rows(s, k, static_cast<const T*>(A.out), A.h0, H),
-                                 scratch.data(), G, A.b_hh};
+                                 scratch.data(), scratch_row, A.bias,
+                                 I > 0 ? A.input + off * I : nullptr, I};
       const GruFusedEpilogue<T> epi{&rows, H, A.gates + off * G, A.hn + off * H, A.out + off * H};
+      if (I > 0) {
 #if TRF_HAVE_PANELS
-      if constexpr (Isa == PanelIsa::kAvx512 && std::is_same_v<T, float>)
-        panel_step<Isa, T, 3>(b0, e, u0, u1, *A.w, A.packed, rows, H, H,
-                              GruFusedEpilogueAvx512{&epi});
-      else
+        if constexpr (Isa == PanelIsa::kAvx512 && std::is_same_v<T, float>)
+          panel_step<Isa, T, 4, 3>(b0, e, u0, u1, *A.w, A.packed, rows, H, H,
+                                   GruFusedEpilogueAvx512{&epi});
+        else
 #endif
-        panel_step<Isa, T, 3>(b0, e, u0, u1, *A.w, A.packed, rows, H, H, epi);
+          panel_step<Isa, T, 4, 3>(b0, e, u0, u1, *A.w, A.packed, rows, H, H, epi);
+      } else {
+#if TRF_HAVE_PANELS
+        if constexpr (Isa == PanelIsa::kAvx512 && std::is_same_v<T, float>)
+          panel_step<Isa, T, 3>(b0, e, u0, u1, *A.w, A.packed, rows, H, H,
+                                GruFusedEpilogueAvx512{&epi});
+        else
+#endif
+          panel_step<Isa, T, 3>(b0, e, u0, u1, *A.w, A.packed, rows, H, H, epi);
+      }
     }
     if (barrier) {
 #pragma omp barrier
@@ -282,18 +323,22 @@ TRF_DEFINE_GRU_FUSED(double)
 #undef TRF_DEFINE_GRU_FUSED
 #endif
 
+// w_ih4: W_ih' = [W_ir; W_iz; 0; W_in] (4H, I) when the input projection is fused in (input then
+// holds the (N, I) rows and bias the four gates' starting values), else undefined (gates then
+// holds the input projection and bias is b_hh).
 template <typename T>
 void gru_forward_fused(PanelIsa isa, const Schedule& s, int64_t H, const at::Tensor& w_hh,
-                       const T* b_hh, T* gates, T* hn, T* out, T* h_state, const T* h0,
-                       const PanelSplit& split) {
+                       const at::Tensor& w_ih4, const T* input, const T* bias, T* gates, T* hn,
+                       T* out, T* h_state, const T* h0, const PanelSplit& split) {
 #if TRF_HAVE_PANELS
-  const GatePanels w = gate_panels_for(w_hh, 3, H, panel_lanes(isa, sizeof(T)));
+  const bool fused_input = w_ih4.defined();
+  const GatePanels w =
+      gate_panels_for(w_hh, fused_input ? 4 : 3, H, panel_lanes(isa, sizeof(T)), w_ih4, 3);
   const T* w_hh_p = w_hh.data_ptr<T>();
-  const GruFusedArgs<T> args{&s, &w, w.storage.data_ptr<T>(), H, b_hh, gates, hn, out, h0};
+  const T* w_ih_p = fused_input ? w_ih4.data_ptr<T>() : nullptr;
+  const GruFusedArgs<T> args{&s, &w, w.storage.data_ptr<T>(), H, bias, gates, hn, out, h0, input};
   run_panel_split(s, w, split, kMinRowsPerBlock,
-                  [&](int64_t u0, int64_t u1) {
-                    pack_gate_chunks<T>(w, w_hh_p, static_cast<const T*>(nullptr), u0, u1);
-                  },
+                  [&](int64_t u0, int64_t u1) { pack_gate_chunks<T>(w, w_hh_p, w_ih_p, u0, u1); },
                   [&](int64_t b0, int64_t b1, int64_t u0, int64_t u1, bool barrier) {
                     if (isa == PanelIsa::kAvx512)
                       gru_fused_loop_avx512(args, b0, b1, u0, u1, barrier);
@@ -320,36 +365,70 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_forward_cpu(
   const int64_t H = check_gru_args(input, h0, w_ih, w_hh);
   check_vector(b_ih, "b_ih", 3 * H, input);
   check_vector(b_hh, "b_hh", 3 * H, input);
-  const int64_t N = input.size(0), B = h0.size(0);
+  const int64_t N = input.size(0), B = h0.size(0), I = input.size(1);
   const Schedule s = make_schedule(batch_sizes, N, B, reverse);
-  at::Tensor gates = cpu_input_projection(input, w_ih, b_ih);
   auto opts = input.options();
+  PanelIsa isa = panel_isa();
+  // The input projection joins the tiles (see the fused forward above) where that measured
+  // faster: when the threads split the units (W_ih' and W_hh do not fit half a core's L2) or when
+  // a unit chunk's fused panel fits in L1 (32 KB). In between, e.g. (B, T, I, H) =
+  // (256, 50, 128, 128) with 56 KB panels split by rows, one oneDNN GEMM for the projection won
+  // (fused: forward 0.94-1.16x, training 1.02-1.07x the unfused time; 4 pairs of processes, 2
+  // threads); elsewhere the fused forward took 0.80-1.00x (256, 50, 64, 64) and 0.85-0.90x
+  // (64, 200, 128, 256), training 0.94-1.07x and 0.90-0.97x.
+  const size_t elem = input.element_size();
+  const int lanes = isa != PanelIsa::kNone ? panel_lanes(isa, elem) : 1;
+  const GatePanels fused_geometry = panel_geometry(I, H, H, 4, lanes, 3);
+  PanelSplit split = isa != PanelIsa::kNone
+                         ? choose_panel_split(s, fused_geometry, elem, kMinRowsPerBlock)
+                         : PanelSplit{};
+  const bool fuse_input =
+      isa != PanelIsa::kNone && fuse_input_projection(s) &&
+      (split.by_units ||
+       fused_geometry.panel_size() * static_cast<int64_t>(elem) <= (int64_t{32} << 10));
+  // The thread split of the fused loop, decided once (gru_forward_fused runs it as given) on
+  // what the steps read: [W_ih', W_hh] with the input fused in, else W_hh.
+  if (isa != PanelIsa::kNone && !fuse_input)
+    split = choose_panel_split(s, panel_geometry(0, H, H, 3, lanes), elem, kMinRowsPerBlock);
+  at::Tensor gates = fuse_input ? workspace_empty({N, 3 * H}, opts)
+                                : cpu_input_projection(input, w_ih, b_ih);
   at::Tensor hn = workspace_empty({N, H}, opts);
   at::Tensor out = at::empty({N, H}, opts);
   at::Tensor h_state = h0.clone(at::MemoryFormat::Contiguous);
-  at::Tensor b_hh_c = b_hh.has_value() ? b_hh->contiguous() : at::Tensor();
-  PanelIsa isa = panel_isa();
-  // The thread split of the fused loop, decided once (gru_forward_fused runs it as given).
-  const size_t elem = input.element_size();
-  const PanelSplit split =
-      isa != PanelIsa::kNone
-          ? choose_panel_split(s, panel_geometry(0, H, H, 3, panel_lanes(isa, elem)), elem,
-                               kMinRowsPerBlock)
-          : PanelSplit{};
   // A handful of rows per step: the small-GEMM loop is as fast single-threaded (B = 1: 3.0 vs
   // 3.2 us a step at H = 128); the panels win there only when split over threads by units.
   if (isa != PanelIsa::kNone && B <= kSmallGemmRows && !split.by_units) isa = PanelIsa::kNone;
+  TORCH_INTERNAL_ASSERT(!fuse_input || isa != PanelIsa::kNone);  // >= 16 rows a step: B > 8
   if (isa != PanelIsa::kNone && s.steps > 0) {
-    at::Tensor h0_c = h0.contiguous();
+    at::Tensor h0_c = h0.contiguous(), x = input.contiguous(), w_ih4, bias;
+    const bool has_b_ih = b_ih.has_value() && b_ih->defined();
+    const bool has_b_hh = b_hh.has_value() && b_hh->defined();
+    if (fuse_input) {  // the four gates [r, z, n_h, n_x] of the fused tiles (see above)
+      w_ih4 = at::cat({w_ih.narrow(0, 0, 2 * H), at::zeros({H, I}, w_ih.options()),
+                       w_ih.narrow(0, 2 * H, H)})
+                  .contiguous();
+      if (has_b_ih || has_b_hh) {
+        bias = at::zeros({4 * H}, opts);
+        if (has_b_hh) bias.narrow(0, 0, 3 * H).add_(*b_hh);
+        if (has_b_ih) {
+          bias.narrow(0, 0, 2 * H).add_(b_ih->narrow(0, 0, 2 * H));
+          bias.narrow(0, 3 * H, H).add_(b_ih->narrow(0, 2 * H, H));
+        }
+      }
+    } else if (has_b_hh) {
+      bias = b_hh->contiguous();
+    }
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "timerec_fast_gru_forward_fused", [&] {
-      gru_forward_fused<scalar_t>(isa, s, H, w_hh.contiguous(),
-                                  b_hh.has_value() ? b_hh_c.data_ptr<scalar_t>() : nullptr,
+      gru_forward_fused<scalar_t>(isa, s, H, w_hh.contiguous(), w_ih4,
+                                  fuse_input ? x.data_ptr<scalar_t>() : nullptr,
+                                  bias.defined() ? bias.data_ptr<scalar_t>() : nullptr,
                                   gates.data_ptr<scalar_t>(), hn.data_ptr<scalar_t>(),
                                   out.data_ptr<scalar_t>(), h_state.data_ptr<scalar_t>(),
                                   h0_c.data_ptr<scalar_t>(), split);
     });
     return {out, h_state, gates, hn};
   }
+  at::Tensor b_hh_c = b_hh.has_value() ? b_hh->contiguous() : at::Tensor();
   at::Tensor hg = at::empty({B, 3 * H}, opts);
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "timerec_fast_gru_forward", [&] {
     const auto w_hh_r = RecurrentWeight<scalar_t>::for_forward(w_hh, s, isa);
