@@ -67,7 +67,10 @@ def load_cpu_report(doc, name):
     m = doc.get("meta", {})
     # The CPU model when the file has it (older files: the architecture only), and the commit, so
     # results from two machines or two versions never share a plot line.
-    device = f"CPU {m.get('cpu_model') or m.get('machine', '?')} x{m.get('threads', '?')}"
+    device = f"CPU {m.get('cpu_model') or m.get('machine', '?')}"
+    if m.get("cpu_family_model"):  # VMs give one model name to different chips
+        device += f" ({m['cpu_family_model']})"
+    device += f" x{m.get('threads', '?')}"
     if m.get("commit"):
         device += f" @{m['commit']}"
     env = " ".join(f"{k}={v}" for k, v in sorted((m.get("malloc_env") or {}).items()))
