@@ -105,6 +105,10 @@ inline at::Tensor input_projection(const at::Tensor& input, const at::Tensor& w_
 inline void check_rows_input(const at::Tensor& input, const char* cell) {
   TORCH_CHECK(input.dim() == 2, "timerec_fast.", cell, ": input must be 2-D (rows, features), got ",
               input.sizes());
+  // torch.nn refuses input_size 0 too; the fused CPU forwards would read an empty W_ih panel.
+  TORCH_CHECK(input.size(1) > 0, "timerec_fast.", cell,
+              ": input must have at least one feature per row (input_size > 0), got shape ",
+              input.sizes());
 }
 
 inline void check_delta_t(const at::Tensor& delta_t, const at::Tensor& input) {

@@ -356,3 +356,31 @@ OP_BAD = {
 def test_op_rejects_bad_arguments(case):
     over, frags = OP_BAD[case]
     raises(lambda: _op(_op_args(**over)), frags, exc=RuntimeError)
+
+
+@pytest.mark.parametrize("op", ["lstm_forward", "lstm_inference", "gru_forward",
+                                "time_lstm_forward", "tlstm_forward"])
+def test_ops_refuse_rows_without_features(op):
+    # The modules refuse input_size 0 as torch.nn does; the raw ops must too, not run their fused
+    # kernels on an empty W_ih (16 rows a step: the CPU forwards' input-in-the-tiles path).
+    H, B, T = 8, 16, 3
+    x, bs = torch.randn(B * T, 0), torch.full((T,), B, dtype=torch.int64)
+    h0, c0, dt = torch.randn(B, H), torch.randn(B, H), torch.rand(B * T)
+    ops = torch.ops.timerec_fast
+    calls = {
+        "lstm_forward": lambda: ops.lstm_forward(x, bs, h0, c0, torch.randn(4 * H, 0),
+                                                 torch.randn(4 * H, H), None, None, None, False),
+        "lstm_inference": lambda: ops.lstm_inference(x, bs, h0, c0, torch.randn(4 * H, 0),
+                                                     torch.randn(4 * H, H), None, None, None,
+                                                     False),
+        "gru_forward": lambda: ops.gru_forward(x, bs, h0, torch.randn(3 * H, 0),
+                                               torch.randn(3 * H, H), None, None, False),
+        "time_lstm_forward": lambda: ops.time_lstm_forward(
+            x, dt, bs, h0, c0, torch.randn(5 * H, 0), torch.randn(3 * H, H), None,
+            torch.randn(3, H), torch.randn(3, H), 3, False),
+        "tlstm_forward": lambda: ops.tlstm_forward(x, dt, bs, h0, c0, torch.randn(4 * H, 0),
+                                                   torch.randn(4 * H, H), None,
+                                                   torch.randn(H, H), None, False),
+    }
+    with pytest.raises(RuntimeError, match=r"at least one feature per row \(input_size > 0\)"):
+        calls[op]()
