@@ -70,16 +70,23 @@ inline std::vector<RowBlock> split_batch(const Schedule& s, int64_t min_rows_per
   return blocks;
 }
 
-// Runs fn(block) for each block, one thread per block.
+// Runs fn(block, index) for each block, one thread per block (index: the block's position, e.g.
+// its row of per-block partial sums).
 template <typename F>
-void for_blocks(const std::vector<RowBlock>& blocks, const F& fn) {
+void for_blocks_indexed(const std::vector<RowBlock>& blocks, const F& fn) {
   if (blocks.size() == 1) {
-    fn(blocks[0]);
+    fn(blocks[0], int64_t{0});
     return;
   }
   at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t i = b0; i < b1; ++i) fn(blocks[i]);
+    for (int64_t i = b0; i < b1; ++i) fn(blocks[i], i);
   });
+}
+
+// Runs fn(block) for each block, one thread per block.
+template <typename F>
+void for_blocks(const std::vector<RowBlock>& blocks, const F& fn) {
+  for_blocks_indexed(blocks, [&](const RowBlock& blk, int64_t) { fn(blk); });
 }
 
 // Pointer to the row holding the previous state of row b at processed step k: the row of the step

@@ -268,6 +268,21 @@ struct GruFusedEpilogueAvx512 {
 };
 #endif
 
+// One step's tiles with G gate columns per unit chunk (h feeds the first 3), ending in the AVX-512
+// epilogue where it applies.
+template <PanelIsa Isa, typename T, int G>
+TRF_ALWAYS_INLINE void gru_panel_step(int64_t b0, int64_t b1, int64_t u0, int64_t u1,
+                                      const GruFusedArgs<T>& A, const GruFusedRows<T>& rows,
+                                      const GruFusedEpilogue<T>& epi) {
+#if TRF_HAVE_PANELS
+  if constexpr (Isa == PanelIsa::kAvx512 && std::is_same_v<T, float>)
+    panel_step<Isa, T, G, 3>(b0, b1, u0, u1, *A.w, A.packed, rows, A.H, A.H,
+                             GruFusedEpilogueAvx512{&epi});
+  else
+#endif
+    panel_step<Isa, T, G, 3>(b0, b1, u0, u1, *A.w, A.packed, rows, A.H, A.H, epi);
+}
+
 template <PanelIsa Isa, typename T>
 TRF_ALWAYS_INLINE void gru_fused_loop_impl(const GruFusedArgs<T>& A, int64_t b0, int64_t b1,
                                            int64_t u0, int64_t u1, bool barrier) {
@@ -284,23 +299,10 @@ TRF_ALWAYS_INLINE void gru_fused_loop_impl(const GruFusedArgs<T>& A, int64_t b0,
                                  scratch.data(), scratch_row, A.bias,
                                  I > 0 ? A.input + off * I : nullptr, I};
       const GruFusedEpilogue<T> epi{&rows, H, A.gates + off * G, A.hn + off * H, A.out + off * H};
-      if (I > 0) {
-#if TRF_HAVE_PANELS
-        if constexpr (Isa == PanelIsa::kAvx512 && std::is_same_v<T, float>)
-          panel_step<Isa, T, 4, 3>(b0, e, u0, u1, *A.w, A.packed, rows, H, H,
-                                   GruFusedEpilogueAvx512{&epi});
-        else
-#endif
-          panel_step<Isa, T, 4, 3>(b0, e, u0, u1, *A.w, A.packed, rows, H, H, epi);
-      } else {
-#if TRF_HAVE_PANELS
-        if constexpr (Isa == PanelIsa::kAvx512 && std::is_same_v<T, float>)
-          panel_step<Isa, T, 3>(b0, e, u0, u1, *A.w, A.packed, rows, H, H,
-                                GruFusedEpilogueAvx512{&epi});
-        else
-#endif
-          panel_step<Isa, T, 3>(b0, e, u0, u1, *A.w, A.packed, rows, H, H, epi);
-      }
+      if (I > 0)  // [r, z, n_h, n_x] from x, the first three from h
+        gru_panel_step<Isa, T, 4>(b0, e, u0, u1, A, rows, epi);
+      else
+        gru_panel_step<Isa, T, 3>(b0, e, u0, u1, A, rows, epi);
     }
     if (barrier) {
 #pragma omp barrier
@@ -473,8 +475,8 @@ gru_backward_cpu(const c10::optional<at::Tensor>& grad_output,
     const PrevStateGather<scalar_t> gather{nullptr, 0, out_c.data_ptr<scalar_t>(),
                                            h0_c.data_ptr<scalar_t>(), H,
                                            h_prev.data_ptr<scalar_t>()};
-    for_blocks(blocks, [&](const RowBlock& blk) {  // by reference: its index picks its sums
-      scalar_t* block_sums = sums.data_ptr<scalar_t>() + (&blk - blocks.data()) * 4 * H;
+    for_blocks_indexed(blocks, [&](const RowBlock& blk, int64_t i) {
+      scalar_t* block_sums = sums.data_ptr<scalar_t>() + i * 4 * H;
       gru_backward_block<scalar_t>(s, blk, H, w_hh_r,
                                    gates_c.data_ptr<scalar_t>(), hn_c.data_ptr<scalar_t>(),
                                    out_c.data_ptr<scalar_t>(), h0_c.data_ptr<scalar_t>(),

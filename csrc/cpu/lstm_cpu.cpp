@@ -555,8 +555,7 @@ lstm_backward_cpu(const c10::optional<at::Tensor>& grad_output,
                                            h0_c.data_ptr<scalar_t>(), d.P,
                                            xh.data_ptr<scalar_t>()};
     scalar_t* db = db_blocks.data_ptr<scalar_t>();
-    for_blocks(blocks, [&](const RowBlock& blk) {  // by reference: its index picks its db row
-      const int64_t index = &blk - blocks.data();
+    for_blocks_indexed(blocks, [&](const RowBlock& blk, int64_t index) {
       lstm_backward_block<scalar_t>(
           s, blk, d.H, d.P, w_hh_r,
           d.proj ? w_hr_c.data_ptr<scalar_t>() : nullptr, gates_c.data_ptr<scalar_t>(),

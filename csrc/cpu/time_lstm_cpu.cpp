@@ -696,8 +696,7 @@ time_lstm_backward_cpu(const c10::optional<at::Tensor>& grad_output,
     const PrevStateGather<scalar_t> h_gather{nullptr, 0, out_c.data_ptr<scalar_t>(),
                                              h0_c.data_ptr<scalar_t>(), H,
                                              h_prev.data_ptr<scalar_t>()};
-    for_blocks(blocks, [&](const RowBlock& blk) {
-      const int64_t i = &blk - blocks.data();  // for_blocks passes the vector's own elements
+    for_blocks_indexed(blocks, [&](const RowBlock& blk, int64_t i) {
       time_lstm_backward_block<scalar_t>(
           static_cast<int>(variant), L, s, blk, H, w_hh_r,
           peep_c.data_ptr<scalar_t>(), time_w_c.data_ptr<scalar_t>(),
@@ -788,8 +787,8 @@ tlstm_backward_cpu(const c10::optional<at::Tensor>& grad_output,
     const PrevStateGather<scalar_t> c_gather{nullptr, 0, cells_c.data_ptr<scalar_t>(),
                                              c0_c.data_ptr<scalar_t>(), H,
                                              c_prev.data_ptr<scalar_t>()};
-    for_blocks(blocks, [&](const RowBlock& blk) {  // by reference: its index picks its sums
-      scalar_t* block_sums = sums.data_ptr<scalar_t>() + (&blk - blocks.data()) * 5 * H;
+    for_blocks_indexed(blocks, [&](const RowBlock& blk, int64_t i) {
+      scalar_t* block_sums = sums.data_ptr<scalar_t>() + i * 5 * H;
       tlstm_backward_block<scalar_t>(
           s, blk, H, w_hh_r, w_d_r,
           gates_c.data_ptr<scalar_t>(), cells_c.data_ptr<scalar_t>(), cs_c.data_ptr<scalar_t>(),
