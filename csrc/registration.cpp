@@ -43,6 +43,11 @@ TORCH_LIBRARY(timerec_fast, m) {
       "gru_forward(Tensor input, Tensor batch_sizes, Tensor h0, Tensor w_ih, Tensor w_hh, "
       "Tensor? b_ih, Tensor? b_hh, bool reverse) -> "
       "(Tensor output, Tensor h_n, Tensor gates, Tensor hn)");
+  // The same forward for inference (no autograd formula): the CPU kernel then writes neither
+  // saved matrix; other devices run gru_forward and drop them.
+  m.def(
+      "gru_inference(Tensor input, Tensor batch_sizes, Tensor h0, Tensor w_ih, Tensor w_hh, "
+      "Tensor? b_ih, Tensor? b_hh, bool reverse) -> (Tensor output, Tensor h_n)");
   m.def(
       "gru_backward(Tensor? grad_output, Tensor? grad_h_n, Tensor input, Tensor batch_sizes, "
       "Tensor h0, Tensor w_ih, Tensor w_hh, Tensor output, Tensor gates, Tensor hn, bool reverse, "

@@ -30,6 +30,14 @@ def _seed_everything():
     yield
 
 
+@pytest.fixture
+def threads():
+    """Call with a thread count (the CPU paths depend on it); restored afterwards."""
+    old = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(old)
+
+
 def _close(actual, expected, dtype, grad=False, msg=""):
     tol = (GRAD_TOL if grad else OUT_TOL)[dtype]
     torch.testing.assert_close(actual, expected, **tol, msg=lambda m: f"{msg}: {m}" if msg else m)

@@ -14,13 +14,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import reference_cells  # noqa: E402
 
 
-@pytest.fixture
-def threads():
-    old = torch.get_num_threads()
-    yield torch.set_num_threads
-    torch.set_num_threads(old)
-
-
 def _pair(cls, ref_cls, dtype, **kw):
     torch.manual_seed(0)
     ref = ref_cls(**kw).to(dtype)

@@ -445,6 +445,25 @@ def test_cuda_graph_capture_time_ops(cell):
     assert all(torch.isfinite(t).all() for t in bouts if t.numel())
 
 
+@pytest.mark.parametrize("bs", [PACKED, [2, 2, 2]], ids=["packed", "padded"])
+def test_gru_inference_cuda_matches_forward(bs):
+    """gru_inference (what the module runs without grad) returns gru_forward's output and h_n,
+    on the GPU as on the CPU, also under autocast."""
+    torch.manual_seed(0)
+    args = _gru_args(bs, rg=False)
+    full = GRU_OP(*args)
+    got = torch.ops.timerec_fast.gru_inference(*args)
+    assert len(got) == 2
+    for a, b in zip(got, full[:2]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for a, b in zip(got, torch.ops.timerec_fast.gru_inference(*_cpu(args))):
+        _close(a.cpu(), b, torch.float64, "gru_inference")
+    gru = timerec_fast.GRU(I, H).to(DEV)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16):
+        y, h = gru(torch.randn(T, B, I, device=DEV))
+    assert y.dtype == torch.float16 and h.dtype == torch.float16 and torch.isfinite(y).all()
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
 def test_autocast(dtype):
     """GRU runs in the autocast dtype (like torch.nn.GRU); the time-aware ops run in fp32 (delta_t

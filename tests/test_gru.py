@@ -305,6 +305,71 @@ def test_opcheck_gru_forward(sample):
     torch.library.opcheck(OP, tuple(args))
 
 
+# gru_inference (what a module runs when nothing needs a gradient) must return exactly
+# gru_forward's output and h_n on every CPU path: the per-step BLAS loop (few rows), the panel loop
+# with the input projection beside it (12 rows a step) or inside the tiles (>= 16), and the
+# unit split over threads (one sequence, H = 128). The panel loops skip writing gates and hn there.
+INFERENCE_CASES = {  # name: (batch_sizes, input_size, hidden_size)
+    "blas-packed": ([3, 3, 2, 1], I, H),
+    "panels": ([12] * 4, 9, 40),
+    "panels-fused-input": ([18, 17, 16], 9, 40),
+    "panels-fused-input-h32": ([32, 32], 16, 32),
+    "unit-split": ([1] * 5, 16, 128),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("case", INFERENCE_CASES)
+def test_gru_inference_op_matches_forward(threads, case, reverse, dtype):
+    threads(2)
+    batch_sizes, inputs, hidden = INFERENCE_CASES[case]
+    bs = torch.tensor(batch_sizes, dtype=torch.int64)
+    n, b = int(bs.sum()), int(bs[0])
+    g = torch.Generator().manual_seed(5)
+
+    def t(*shape):
+        return torch.randn(*shape, generator=g, dtype=dtype) * 0.5
+
+    args = (t(n, inputs), bs, t(b, hidden), t(3 * hidden, inputs), t(3 * hidden, hidden),
+            t(3 * hidden), t(3 * hidden), reverse)
+    full = OP(*args)
+    inference = torch.ops.timerec_fast.gru_inference(*args)
+    assert len(inference) == 2
+    for got, want in zip(inference, full[:2]):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    if dtype == torch.float64:
+        for got, want in zip(inference, _reference_gru_op(*args)):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_opcheck_gru_inference():
+    args = _op_args(True, True, requires_grad=False, batch_sizes=[18, 17, 16])
+    torch.library.opcheck(torch.ops.timerec_fast.gru_inference.default, tuple(args))
+
+
+def test_gru_module_without_grad_runs_inference_op(monkeypatch):
+    # Under no_grad the module takes gru_inference (nothing saved); with grad, gru_forward.
+    ref, ours = _pair(torch.float64, input_size=I, hidden_size=H)
+    x = torch.randn(T, 20, I, dtype=torch.float64)
+    seen = []
+    below = timerec_fast.ops._below_autograd
+
+    def spy(op, args):
+        seen.append(op._opname)
+        return below(op, args)
+
+    monkeypatch.setattr(timerec_fast.ops, "_below_autograd", spy)
+    with torch.no_grad():
+        got = ours(x)
+    assert seen == ["gru_inference"]
+    ours(x)[0].sum()
+    assert seen[1:] == ["gru_forward"]  # with grad: the op that saves for the backward
+    want = ref(x)
+    _close(got[0], want[0], torch.float64, what="output")
+    _close(got[1], want[1], torch.float64, what="h_n")
+
+
 # ---- torch.compile ----------------------------------------------------------------------------
 
 

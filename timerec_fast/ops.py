@@ -226,6 +226,11 @@ def _gru_backward_fake(grad_output, grad_h_n, input, batch_sizes, h0, w_ih, w_hh
             input.new_empty((3 * h,)))
 
 
+@torch.library.register_fake("timerec_fast::gru_inference")
+def _gru_inference_fake(input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, reverse):
+    return input.new_empty((input.shape[0], h0.shape[1])), torch.empty_like(h0)
+
+
 def _gru_setup_context(ctx, inputs, output):
     input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, reverse = inputs
     out, _, gates, hn = output
@@ -252,8 +257,11 @@ register_autograd(_ops.gru_forward.default, _gru_backward, setup_context=_gru_se
 def gru_layer(input, batch_sizes, h0, w_ih, w_hh, b_ih=None, b_hh=None, reverse=False):
     """One GRU layer, one direction, over a packed sequence. Returns (output, h_n)."""
     args = (input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, reverse)
-    out, h_n, _, _ = call_op(_ops.gru_forward.default, args, args[:7])
-    return out, h_n
+    if _needs_autograd(args[:7]):
+        out, h_n, _, _ = _call_with_autograd(_ops.gru_forward.default, args, args[:7])
+        return out, h_n
+    # Nothing will be differentiated: the inference op writes no gates or hn for a backward.
+    return tuple(_below_autograd(_ops.gru_inference.default, args))
 
 
 # ---------------------------------------------------------------------------------------------

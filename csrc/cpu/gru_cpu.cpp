@@ -156,8 +156,9 @@ struct GruFusedArgs {
   const T* packed;
   int64_t H;
   const T* bias;   // the tiles' starting values: b_hh (3H), or the four fused gates' (4H); or null
-  T* gates;        // (N, 3H): r, z, n; the input projection before them when not fused
-  T* hn;           // (N, H)
+  T* gates;        // (N, 3H): r, z, n; the input projection before them when not fused; null at
+                   // inference with the input fused in
+  T* hn;           // (N, H); null at inference (nothing saved for a backward)
   T* out;
   const T* h0;
   const T* input;  // (N, I) when the input projection is fused in (w->K1 = I > 0)
@@ -177,11 +178,14 @@ struct GruFusedRows {
   TRF_ALWAYS_INLINE T* dst(int64_t b) const { return scratch + (b % kScratchRows) * G; }
 };
 
+// save: write the activated gates (into g) and hn for the backward. Without it (inference) g is
+// only read, as the input projection when that is not fused in (else g is null), and hn is null.
 template <typename T>
 struct GruFusedEpilogue {
   const GruFusedRows<T>* rows;
   int64_t H;
   T *g, *hn, *out;  // rows of this step
+  bool save;
   TRF_ALWAYS_INLINE void operator()(int64_t b0, int64_t b1, int64_t j0, int64_t j1) const {
     cells(b0, b1, j0, j1);
     prefetch_next(b0, b1, j0);
@@ -189,12 +193,20 @@ struct GruFusedEpilogue {
   TRF_ALWAYS_INLINE void cells(int64_t b0, int64_t b1, int64_t j0, int64_t j1) const {
     const bool fused_input = rows->I > 0;
     for (int64_t b = b0; b < b1; ++b) {
-      T* x = g + b * 3 * H;
       const T* hg = rows->dst(b);
       const T* hp = rows->prev.row(b);
-      T* hnb = hn + b * H;
       T* ho = out + b * H;
       if (fused_input) {  // hg: [r, z, n_h, n_x], both sides summed in r and z
+        if (!save) {
+#pragma GCC ivdep
+          for (int64_t j = j0; j < j1; ++j) {
+            T r = hg[j], z = hg[H + j], n = hg[3 * H + j];
+            ho[j] = gru_cell_forward(r, z, n, T(0), T(0), hg[2 * H + j], hp[j]);
+          }
+          continue;
+        }
+        T* x = g + b * 3 * H;
+        T* hnb = hn + b * H;
 #pragma GCC ivdep
         for (int64_t j = j0; j < j1; ++j) {
           T r = hg[j], z = hg[H + j], n = hg[3 * H + j];
@@ -207,6 +219,16 @@ struct GruFusedEpilogue {
         }
         continue;
       }
+      T* x = g + b * 3 * H;
+      if (!save) {
+#pragma GCC ivdep
+        for (int64_t j = j0; j < j1; ++j) {
+          T r = x[j], z = x[H + j], n = x[2 * H + j];
+          ho[j] = gru_cell_forward(r, z, n, hg[j], hg[H + j], hg[2 * H + j], hp[j]);
+        }
+        continue;
+      }
+      T* hnb = hn + b * H;
 #pragma GCC ivdep
       for (int64_t j = j0; j < j1; ++j) {
         const T hnj = hg[2 * H + j];
@@ -222,10 +244,12 @@ struct GruFusedEpilogue {
   // 0.96-1.01x (the same process alternating with and without).
   TRF_ALWAYS_INLINE void prefetch_next(int64_t b0, int64_t b1, int64_t j0) const {
     for (int64_t b = b1; b < 2 * b1 - b0; ++b) {
-      __builtin_prefetch(g + b * 3 * H + j0, 1);
-      __builtin_prefetch(g + b * 3 * H + H + j0, 1);
-      __builtin_prefetch(g + b * 3 * H + 2 * H + j0, 1);
-      __builtin_prefetch(hn + b * H + j0, 1);
+      if (g != nullptr) {
+        __builtin_prefetch(g + b * 3 * H + j0, 1);
+        __builtin_prefetch(g + b * 3 * H + H + j0, 1);
+        __builtin_prefetch(g + b * 3 * H + 2 * H + j0, 1);
+      }
+      if (save) __builtin_prefetch(hn + b * H + j0, 1);
       __builtin_prefetch(out + b * H + j0, 1);
     }
   }
@@ -245,7 +269,9 @@ struct GruFusedEpilogueAvx512 {
     } else {
       const bool fused_input = e.rows->I > 0;
       for (int64_t b = b0; b < b1; ++b) {
-        float* x = e.g + b * 3 * H + j0;
+        // x: the gate rows (saved gates, or the input projection when not fused); null when
+        // fused at inference.
+        float* x = e.g != nullptr ? e.g + b * 3 * H + j0 : nullptr;
         const float* hg = e.rows->dst(b) + j0;
         const __m512 hn = _mm512_loadu_ps(hg + 2 * H);
         // Fused input: r and z already hold both sides, n_x sits after n_h (see above).
@@ -256,10 +282,12 @@ struct GruFusedEpilogueAvx512 {
         const __m512 hz = fused_input ? _mm512_setzero_ps() : _mm512_loadu_ps(hg + H);
         const __m512 h = vec::gru_cell_forward16(r, z, n, hr, hz, hn,
                                                  _mm512_loadu_ps(e.rows->prev.row(b) + j0));
-        _mm512_storeu_ps(x, r);
-        _mm512_storeu_ps(x + H, z);
-        _mm512_storeu_ps(x + 2 * H, n);
-        _mm512_storeu_ps(e.hn + b * H + j0, hn);
+        if (e.save) {
+          _mm512_storeu_ps(x, r);
+          _mm512_storeu_ps(x + H, z);
+          _mm512_storeu_ps(x + 2 * H, n);
+          _mm512_storeu_ps(e.hn + b * H + j0, hn);
+        }
         _mm512_storeu_ps(e.out + b * H + j0, h);
       }
     }
@@ -298,7 +326,9 @@ TRF_ALWAYS_INLINE void gru_fused_loop_impl(const GruFusedArgs<T>& A, int64_t b0,
       const GruFusedRows<T> rows{prev_rows(s, k, static_cast<const T*>(A.out), A.h0, H),
                                  scratch.data(), scratch_row, A.bias,
                                  I > 0 ? A.input + off * I : nullptr, I};
-      const GruFusedEpilogue<T> epi{&rows, H, A.gates + off * G, A.hn + off * H, A.out + off * H};
+      const GruFusedEpilogue<T> epi{&rows, H, A.gates != nullptr ? A.gates + off * G : nullptr,
+                                    A.hn != nullptr ? A.hn + off * H : nullptr, A.out + off * H,
+                                    A.hn != nullptr};
       if (I > 0)  // [r, z, n_h, n_x] from x, the first three from h
         gru_panel_step<Isa, T, 4>(b0, e, u0, u1, A, rows, epi);
       else
@@ -338,6 +368,7 @@ void gru_forward_fused(PanelIsa isa, const Schedule& s, int64_t H, const at::Ten
       gate_panels_for(w_hh, fused_input ? 4 : 3, H, panel_lanes(isa, sizeof(T)), w_ih4, 3);
   const T* w_hh_p = w_hh.data_ptr<T>();
   const T* w_ih_p = fused_input ? w_ih4.data_ptr<T>() : nullptr;
+  TORCH_INTERNAL_ASSERT(fused_input || gates != nullptr);  // unfused: gates hold the projection
   const GruFusedArgs<T> args{&s, &w, w.storage.data_ptr<T>(), H, bias, gates, hn, out, h0, input};
   run_panel_split(s, w, split, kMinRowsPerBlock,
                   [&](int64_t u0, int64_t u1) { pack_gate_chunks<T>(w, w_hh_p, w_ih_p, u0, u1); },
@@ -359,10 +390,12 @@ int64_t check_gru_args(const at::Tensor& input, const at::Tensor& h0, const at::
   return check_gru_shapes(input, h0, w_ih, w_hh, [](int64_t) {});
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_forward_cpu(
+// save = false (inference): gates and hn, which only the backward reads, are returned empty where
+// the panel loop runs (the fused-input one then keeps no (N, 3H) gate matrix at all).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_forward_impl(
     const at::Tensor& input, const at::Tensor& batch_sizes, const at::Tensor& h0,
     const at::Tensor& w_ih, const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_ih,
-    const c10::optional<at::Tensor>& b_hh, bool reverse) {
+    const c10::optional<at::Tensor>& b_hh, bool reverse, bool save) {
   check_cpu_dtype(input, "GRU");
   const int64_t H = check_gru_args(input, h0, w_ih, w_hh);
   check_vector(b_ih, "b_ih", 3 * H, input);
@@ -392,16 +425,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_forward_cpu(
   // what the steps read: [W_ih', W_hh] with the input fused in, else W_hh.
   if (isa != PanelIsa::kNone && !fuse_input)
     split = choose_panel_split(s, panel_geometry(0, H, H, 3, lanes), elem, kMinRowsPerBlock);
-  at::Tensor gates = fuse_input ? workspace_empty({N, 3 * H}, opts)
-                                : cpu_input_projection(input, w_ih, b_ih);
-  at::Tensor hn = workspace_empty({N, H}, opts);
-  at::Tensor out = at::empty({N, H}, opts);
-  at::Tensor h_state = h0.clone(at::MemoryFormat::Contiguous);
   // A handful of rows per step: the small-GEMM loop is as fast single-threaded (B = 1: 3.0 vs
   // 3.2 us a step at H = 128); the panels win there only when split over threads by units.
   if (isa != PanelIsa::kNone && B <= kSmallGemmRows && !split.by_units) isa = PanelIsa::kNone;
   TORCH_INTERNAL_ASSERT(!fuse_input || isa != PanelIsa::kNone);  // >= 16 rows a step: B > 8
-  if (isa != PanelIsa::kNone && s.steps > 0) {
+  // Only the panel loop can leave the saved matrices out (the per-step BLAS loop writes them).
+  const bool panels = isa != PanelIsa::kNone && s.steps > 0;
+  const bool keep = save || !panels;
+  at::Tensor gates = fuse_input ? workspace_empty({keep ? N : 0, 3 * H}, opts)
+                                : cpu_input_projection(input, w_ih, b_ih);
+  at::Tensor hn = workspace_empty({keep ? N : 0, H}, opts);
+  at::Tensor out = at::empty({N, H}, opts);
+  at::Tensor h_state = h0.clone(at::MemoryFormat::Contiguous);
+  if (panels) {
     at::Tensor h0_c = h0.contiguous(), x = input.contiguous(), w_ih4, bias;
     const bool has_b_ih = b_ih.has_value() && b_ih->defined();
     const bool has_b_hh = b_hh.has_value() && b_hh->defined();
@@ -424,7 +460,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_forward_cpu(
       gru_forward_fused<scalar_t>(isa, s, H, w_hh.contiguous(), w_ih4,
                                   fuse_input ? x.data_ptr<scalar_t>() : nullptr,
                                   bias.defined() ? bias.data_ptr<scalar_t>() : nullptr,
-                                  gates.data_ptr<scalar_t>(), hn.data_ptr<scalar_t>(),
+                                  gates.numel() > 0 ? gates.data_ptr<scalar_t>() : nullptr,
+                                  save ? hn.data_ptr<scalar_t>() : nullptr,
                                   out.data_ptr<scalar_t>(), h_state.data_ptr<scalar_t>(),
                                   h0_c.data_ptr<scalar_t>(), split);
     });
@@ -502,8 +539,24 @@ gru_backward_cpu(const c10::optional<at::Tensor>& grad_output,
 
 }  // namespace
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_forward_cpu(
+    const at::Tensor& input, const at::Tensor& batch_sizes, const at::Tensor& h0,
+    const at::Tensor& w_ih, const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_ih,
+    const c10::optional<at::Tensor>& b_hh, bool reverse) {
+  return gru_forward_impl(input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, reverse, /*save=*/true);
+}
+
+std::tuple<at::Tensor, at::Tensor> gru_inference_cpu(
+    const at::Tensor& input, const at::Tensor& batch_sizes, const at::Tensor& h0,
+    const at::Tensor& w_ih, const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_ih,
+    const c10::optional<at::Tensor>& b_hh, bool reverse) {
+  auto r = gru_forward_impl(input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, reverse, /*save=*/false);
+  return {std::get<0>(r), std::get<1>(r)};
+}
+
 TORCH_LIBRARY_IMPL(timerec_fast, CPU, m) {
   m.impl("gru_forward", &gru_forward_cpu);
+  m.impl("gru_inference", &gru_inference_cpu);
   m.impl("gru_backward", &gru_backward_cpu);
 }
 

@@ -56,6 +56,7 @@ TORCH_LIBRARY_IMPL(timerec_fast, AutocastCUDA, m) {
   m.impl("lstm_forward", torch::CppFunction::makeFromBoxedFunction<&autocast_cuda_boxed>());
   m.impl("lstm_inference", torch::CppFunction::makeFromBoxedFunction<&autocast_cuda_boxed>());
   m.impl("gru_forward", torch::CppFunction::makeFromBoxedFunction<&autocast_cuda_boxed>());
+  m.impl("gru_inference", torch::CppFunction::makeFromBoxedFunction<&autocast_cuda_boxed>());
   m.impl("time_lstm_forward",
          torch::CppFunction::makeFromBoxedFunction<&autocast_cuda_fp32_boxed>());
   m.impl("tlstm_forward", torch::CppFunction::makeFromBoxedFunction<&autocast_cuda_fp32_boxed>());

@@ -217,10 +217,20 @@ gru_backward_cuda(const c10::optional<at::Tensor>& grad_output,
           dhg.sum(0)};
 }
 
+// The CUDA forward keeps its gates and hn either way; inference drops them.
+std::tuple<at::Tensor, at::Tensor> gru_inference_cuda(
+    const at::Tensor& input, const at::Tensor& batch_sizes, const at::Tensor& h0,
+    const at::Tensor& w_ih, const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_ih,
+    const c10::optional<at::Tensor>& b_hh, bool reverse) {
+  auto r = gru_forward_cuda(input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, reverse);
+  return {std::get<0>(r), std::get<1>(r)};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(timerec_fast, CUDA, m) {
   m.impl("gru_forward", &gru_forward_cuda);
+  m.impl("gru_inference", &gru_inference_cuda);
   m.impl("gru_backward", &gru_backward_cuda);
 }
 
