@@ -65,6 +65,12 @@ TORCH_LIBRARY(timerec_fast, m) {
       "Tensor w_ih, Tensor w_hh, Tensor? bias, Tensor peep, Tensor time_w, int variant, "
       "bool reverse) -> (Tensor output, Tensor h_n, Tensor c_n, Tensor gates, Tensor cells, "
       "Tensor cts)");
+  // The same forward for inference (no autograd formula): with >= 16 rows a step the CPU kernel
+  // writes no gates, cells or cts; other devices run time_lstm_forward and drop them.
+  m.def(
+      "time_lstm_inference(Tensor input, Tensor delta_t, Tensor batch_sizes, Tensor h0, "
+      "Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? bias, Tensor peep, Tensor time_w, "
+      "int variant, bool reverse) -> (Tensor output, Tensor h_n, Tensor c_n)");
   m.def(
       "time_lstm_backward(Tensor? grad_output, Tensor? grad_h_n, Tensor? grad_c_n, Tensor input, "
       "Tensor delta_t, Tensor batch_sizes, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, "

@@ -83,13 +83,13 @@ import timerec_fast  # noqa: F401  (loads the extension; works without a GPU)
 so = glob.glob("timerec_fast/_C*.so")
 assert so, "no extension built"
 for op in ("lstm_forward", "lstm_inference", "lstm_backward", "gru_forward", "gru_inference",
-           "gru_backward", "time_lstm_forward", "time_lstm_backward", "tlstm_forward",
-           "tlstm_backward"):
+           "gru_backward", "time_lstm_forward", "time_lstm_inference", "time_lstm_backward",
+           "tlstm_forward", "tlstm_backward"):
     name = f"timerec_fast::{op}"
     for key in ("CPU", "CUDA"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(name, key), f"{name} has no {key} kernel"
 for op in ("lstm_forward", "lstm_inference", "gru_forward", "gru_inference", "time_lstm_forward",
-           "tlstm_forward"):
+           "time_lstm_inference", "tlstm_forward"):
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"timerec_fast::{op}", "AutocastCUDA"), op
 print("ci_cuda_compile: OK, imported", so[0], "with CPU and CUDA kernels of every cell; cuda available:",
       torch.cuda.is_available())

@@ -38,6 +38,21 @@ def threads():
     torch.set_num_threads(old)
 
 
+@pytest.fixture
+def ops_below_autograd(monkeypatch):
+    """The names of the ops the modules call below autograd (timerec_fast.ops._below_autograd),
+    in order: which op a module chose (e.g. the inference op under no_grad)."""
+    seen = []
+    below = timerec_fast.ops._below_autograd
+
+    def spy(op, args):
+        seen.append(op._opname)
+        return below(op, args)
+
+    monkeypatch.setattr(timerec_fast.ops, "_below_autograd", spy)
+    return seen
+
+
 def _close(actual, expected, dtype, grad=False, msg=""):
     tol = (GRAD_TOL if grad else OUT_TOL)[dtype]
     torch.testing.assert_close(actual, expected, **tol, msg=lambda m: f"{msg}: {m}" if msg else m)

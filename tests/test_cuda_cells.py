@@ -445,23 +445,26 @@ def test_cuda_graph_capture_time_ops(cell):
     assert all(torch.isfinite(t).all() for t in bouts if t.numel())
 
 
+INFERENCE = {"gru": (torch.ops.timerec_fast.gru_inference, 2),
+             "tl1": (torch.ops.timerec_fast.time_lstm_inference, 3),
+             "tl3": (torch.ops.timerec_fast.time_lstm_inference, 3)}
+
+
 @pytest.mark.parametrize("bs", [PACKED, [2, 2, 2]], ids=["packed", "padded"])
-def test_gru_inference_cuda_matches_forward(bs):
-    """gru_inference (what the module runs without grad) returns gru_forward's output and h_n,
-    on the GPU as on the CPU, also under autocast."""
+@pytest.mark.parametrize("cell", INFERENCE)
+def test_inference_ops_cuda_match_forward(cell, bs):
+    """The inference ops (what the modules run without grad) return the forward op's outputs
+    without the saved tensors, on the GPU, and agree with the CPU's."""
+    fwd, _, make, _ = RAW[cell]
+    op, count = INFERENCE[cell]
     torch.manual_seed(0)
-    args = _gru_args(bs, rg=False)
-    full = GRU_OP(*args)
-    got = torch.ops.timerec_fast.gru_inference(*args)
-    assert len(got) == 2
-    for a, b in zip(got, full[:2]):
+    args = make(bs, rg=False)
+    got = op(*args)
+    assert len(got) == count
+    for a, b in zip(got, fwd(*args)[:count]):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
-    for a, b in zip(got, torch.ops.timerec_fast.gru_inference(*_cpu(args))):
-        _close(a.cpu(), b, torch.float64, "gru_inference")
-    gru = timerec_fast.GRU(I, H).to(DEV)
-    with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16):
-        y, h = gru(torch.randn(T, B, I, device=DEV))
-    assert y.dtype == torch.float16 and h.dtype == torch.float16 and torch.isfinite(y).all()
+    for a, b in zip(got, op(*_cpu(args))):
+        _close(a.cpu(), b, torch.float64, f"{cell} inference")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
@@ -478,6 +481,8 @@ def test_autocast(dtype):
         yt, (ht, ct) = tl(x, dt)
     assert y.dtype == dtype and h.dtype == dtype
     assert yt.dtype == torch.float32 and torch.isfinite(yt).all()
+    with torch.no_grad(), torch.autocast("cuda", dtype=dtype):  # the inference ops
+        assert gru(x)[0].dtype == dtype and tl(x, dt)[0].dtype == torch.float32
     (y.float().sum() + yt.sum()).backward()
     for p in list(gru.parameters()) + list(tl.parameters()):
         assert p.grad is not None and p.grad.dtype == torch.float32

@@ -348,18 +348,11 @@ def test_opcheck_gru_inference():
     torch.library.opcheck(torch.ops.timerec_fast.gru_inference.default, tuple(args))
 
 
-def test_gru_module_without_grad_runs_inference_op(monkeypatch):
+def test_gru_module_without_grad_runs_inference_op(ops_below_autograd):
     # Under no_grad the module takes gru_inference (nothing saved); with grad, gru_forward.
     ref, ours = _pair(torch.float64, input_size=I, hidden_size=H)
     x = torch.randn(T, 20, I, dtype=torch.float64)
-    seen = []
-    below = timerec_fast.ops._below_autograd
-
-    def spy(op, args):
-        seen.append(op._opname)
-        return below(op, args)
-
-    monkeypatch.setattr(timerec_fast.ops, "_below_autograd", spy)
+    seen = ops_below_autograd
     with torch.no_grad():
         got = ours(x)
     assert seen == ["gru_inference"]

@@ -359,7 +359,8 @@ def test_op_rejects_bad_arguments(case):
 
 
 @pytest.mark.parametrize("op", ["lstm_forward", "lstm_inference", "gru_forward",
-                                "gru_inference", "time_lstm_forward", "tlstm_forward"])
+                                "gru_inference", "time_lstm_forward", "time_lstm_inference",
+                                "tlstm_forward"])
 def test_ops_refuse_rows_without_features(op):
     # The modules refuse input_size 0 as torch.nn does; the raw ops must too, not run their fused
     # kernels on an empty W_ih (16 rows a step: the CPU forwards' input-in-the-tiles path).
@@ -378,6 +379,9 @@ def test_ops_refuse_rows_without_features(op):
         "gru_inference": lambda: ops.gru_inference(x, bs, h0, torch.randn(3 * H, 0),
                                                    torch.randn(3 * H, H), None, None, False),
         "time_lstm_forward": lambda: ops.time_lstm_forward(
+            x, dt, bs, h0, c0, torch.randn(5 * H, 0), torch.randn(3 * H, H), None,
+            torch.randn(3, H), torch.randn(3, H), 3, False),
+        "time_lstm_inference": lambda: ops.time_lstm_inference(
             x, dt, bs, h0, c0, torch.randn(5 * H, 0), torch.randn(3 * H, H), None,
             torch.randn(3, H), torch.randn(3, H), 3, False),
         "tlstm_forward": lambda: ops.tlstm_forward(x, dt, bs, h0, c0, torch.randn(4 * H, 0),

@@ -274,6 +274,66 @@ def test_opcheck_time_lstm_forward(sample):
     torch.library.opcheck(TL_OP, tuple(args))
 
 
+# time_lstm_inference (what the module runs when nothing needs a gradient) must return exactly
+# time_lstm_forward's output, h_n and c_n on every CPU path: the per-step loop (few rows a step)
+# and the tiles with the input projection in them (>= 16 rows a step), split over 2 threads by rows
+# or (64 rows, H = 128) by units. The tiles then keep their gate rows in a 16-row scratch and write
+# no gates, cells or cts: H = 32 runs whole 16-unit chunks (the fp32 AVX-512 epilogue), H = 40 a
+# partial last one (the scalar loop).
+INFERENCE_CASES = {  # name: (batch_sizes, input_size, hidden_size)
+    "per-step-packed": ([3, 3, 2, 1], 5, 7),
+    "tiles-h40": ([18, 17, 16], 9, 40),
+    "tiles-h32": ([32, 32, 32], 16, 32),
+    "tiles-unit-split": ([64, 64], 16, 128),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("case", INFERENCE_CASES)
+@pytest.mark.parametrize("variant", [1, 2, 3])
+def test_time_lstm_inference_op_matches_forward(threads, variant, case, reverse, dtype):
+    threads(2)
+    batch_sizes, inputs, hidden = INFERENCE_CASES[case]
+    bs = torch.tensor(batch_sizes, dtype=torch.int64)
+    n, b = int(bs.sum()), int(bs[0])
+    g_in, g_h = GATES[variant]
+    gen = torch.Generator().manual_seed(7)
+
+    def t(*shape):
+        return torch.randn(*shape, generator=gen, dtype=dtype) * 0.6
+
+    dt = torch.rand(n, generator=gen, dtype=dtype) * 3
+    args = (t(n, inputs), dt, bs, t(b, hidden), t(b, hidden), t(g_in * hidden, inputs),
+            t(g_h * hidden, hidden), t(g_in * hidden), t(3, hidden), t(3, hidden), variant,
+            reverse)
+    full = TL_OP(*args)
+    inference = torch.ops.timerec_fast.time_lstm_inference(*args)
+    assert len(inference) == 3
+    for got, want, what in zip(inference, full[:3], ("output", "h_n", "c_n")):
+        torch.testing.assert_close(got, want, rtol=0, atol=0, msg=lambda m: f"{what}: {m}")
+
+
+def test_opcheck_time_lstm_inference():
+    args = _time_lstm_args(2, True, requires_grad=False, batch_sizes=FUSED_PACKED)
+    torch.library.opcheck(torch.ops.timerec_fast.time_lstm_inference.default, tuple(args))
+
+
+@pytest.mark.parametrize("variant", ["time_lstm1", "time_lstm2", "time_lstm3"])
+def test_time_lstm_module_without_grad_runs_inference_op(variant, ops_below_autograd):
+    # Under no_grad the module takes time_lstm_inference (nothing saved) and still matches the
+    # step-by-step reference, at 20 rows a step (the tiles with their scratch), 2 layers.
+    m = _module(variant, num_layers=2, bidirectional=True)
+    x = torch.randn(T, 20, I, dtype=torch.float64)
+    dt = _delta_t((T, 20), torch.float64)
+    with torch.no_grad():
+        out, (h_n, c_n) = m(x, dt)
+        want, (want_h, want_c) = ref.reference_time_lstm(m, x, dt)
+    assert ops_below_autograd == ["time_lstm_inference"] * 4
+    for got, exp, what in ((out, want, "output"), (h_n, want_h, "h_n"), (c_n, want_c, "c_n")):
+        _close(got, exp, torch.float64, what=what)
+
+
 @pytest.mark.parametrize("sample", ["fwd", "rev-nobias-f32"])
 def test_opcheck_tlstm_forward(sample):
     args = (_tlstm_args(False) if sample == "fwd"

@@ -278,6 +278,13 @@ def _time_lstm_forward_fake(input, delta_t, batch_sizes, h0, c0, w_ih, w_hh, bia
             input.new_empty((n, h)) if variant != 1 else _empty(input))
 
 
+@torch.library.register_fake("timerec_fast::time_lstm_inference")
+def _time_lstm_inference_fake(input, delta_t, batch_sizes, h0, c0, w_ih, w_hh, bias, peep, time_w,
+                              variant, reverse):
+    return input.new_empty((input.shape[0], h0.shape[1])), torch.empty_like(h0), \
+        torch.empty_like(c0)
+
+
 @torch.library.register_fake("timerec_fast::time_lstm_backward")
 def _time_lstm_backward_fake(grad_output, grad_h_n, grad_c_n, input, delta_t, batch_sizes, h0,
                              c0, w_ih, w_hh, peep, time_w, output, gates, cells, cts, variant,
@@ -317,8 +324,12 @@ def time_lstm_layer(input, delta_t, batch_sizes, h0, c0, w_ih, w_hh, bias, peep,
                     reverse=False):
     """One Time-LSTM layer (variant 1, 2 or 3), one direction. Returns (output, h_n, c_n)."""
     args = (input, delta_t, batch_sizes, h0, c0, w_ih, w_hh, bias, peep, time_w, variant, reverse)
-    out, h_n, c_n, _, _, _ = call_op(_ops.time_lstm_forward.default, args, args[:10])
-    return out, h_n, c_n
+    if _needs_autograd(args[:10]):
+        out, h_n, c_n, _, _, _ = _call_with_autograd(_ops.time_lstm_forward.default, args,
+                                                     args[:10])
+        return out, h_n, c_n
+    # Nothing will be differentiated: the inference op saves nothing for a backward.
+    return tuple(_below_autograd(_ops.time_lstm_inference.default, args))
 
 
 @torch.library.register_fake("timerec_fast::tlstm_forward")

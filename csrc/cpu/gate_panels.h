@@ -134,6 +134,12 @@ struct PanelKernel {
   static TRF_ALWAYS_INLINE void store(T* p, const V& v) { *reinterpret_cast<U*>(p) = v; }
 };
 
+// Gate rows of a step at inference (nothing saved for a backward): a per-thread scratch of
+// kScratchRows rows, row b in slot b mod kScratchRows. The rows of one tile are consecutive and at
+// most max_rows (<= 9) of them, so they never share a slot.
+constexpr int64_t kScratchRows = 16;
+static_assert(kScratchRows >= 9, "a tile's rows must not share a scratch slot");
+
 inline int panel_lanes(PanelIsa isa, size_t elem_size) {
   return (isa == PanelIsa::kAvx512 ? 64 : 32) / static_cast<int>(elem_size);
 }

@@ -147,7 +147,6 @@ void gru_backward_block(const Schedule& s, RowBlock blk, int64_t H, const Recurr
 // all four through W_ih' = [W_ir; W_iz; 0; W_in] (the zero block costs I multiply-adds of 4I + 3H
 // per unit), h the first three through W_hh = [W_hr; W_hz; W_hn] (GatePanels::h_gates = 3), and
 // the accumulators start from [b_ir + b_hr, b_iz + b_hz, b_hn, b_in].
-constexpr int64_t kScratchRows = 16;
 
 template <typename T>
 struct GruFusedArgs {

@@ -240,10 +240,8 @@ struct InputProjectionRows {
   TRF_ALWAYS_INLINE T* dst(int64_t b) const { return gates + b * G; }
 };
 
-// Gate rows of a step: the saved (N, 4H) matrix, or, at inference, a per-thread scratch of
-// kScratchRows rows indexed by b mod kScratchRows (the rows of one tile are consecutive, at most
-// max_rows <= kScratchRows of them, so they never share a slot).
-constexpr int64_t kScratchRows = 16;
+// Gate rows of a step: the saved (N, 4H) matrix, or, at inference, the scratch (kScratchRows,
+// gate_panels.h).
 
 template <typename T>
 struct LstmFusedRows {

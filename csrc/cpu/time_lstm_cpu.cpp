@@ -41,7 +41,8 @@ struct GateRows {
 
 // The time cell on rows [b0, b1) x units [j0, j1) of one step (pointers at the step's rows):
 // gates hold the pre-activations and get the activations; c_state is updated in place; the
-// cells, cts (variants 2 and 3) and out rows are written, and h_state's if given.
+// cells, cts (variants 2 and 3) and out rows are written, and h_state's if given. At inference
+// cells and cts are null (nothing saved for a backward).
 template <typename T, int V>
 TRF_ALWAYS_INLINE void time_lstm_cells(int64_t b0, int64_t b1, int64_t j0, int64_t j1, int64_t H,
                                        T* gates, const T* dt, const T* peep, const T* time_w,
@@ -56,7 +57,7 @@ TRF_ALWAYS_INLINE void time_lstm_cells(int64_t b0, int64_t b1, int64_t j0, int64
     T* __restrict gf = row + (V != kTimeLstm3 ? L.f : L.i) * H;    // unused in variant 3
     T* __restrict gt2 = row + (V != kTimeLstm1 ? L.t2 : L.t1) * H;  // unused in variant 1
     T* __restrict cs = c_state + b * H;
-    T* __restrict cl = cells + b * H;
+    T* __restrict cl = cells != nullptr ? cells + b * H : nullptr;
     T* __restrict ctb = cts != nullptr ? cts + b * H : nullptr;
     T* __restrict ho = out + b * H;
     const T d = dt[b];
@@ -73,10 +74,10 @@ TRF_ALWAYS_INLINE void time_lstm_cells(int64_t b0, int64_t b1, int64_t j0, int64
       gt1[j] = a.t1;
       if constexpr (V != kTimeLstm1) {
         gt2[j] = a.t2;
-        ctb[j] = ct;
+        if (ctb != nullptr) ctb[j] = ct;
       }
       cs[j] = c_next;
-      cl[j] = c_next;
+      if (cl != nullptr) cl[j] = c_next;
       ho[j] = h;
     }
     if (h_state != nullptr) std::memcpy(h_state + b * H + j0, ho + j0, (j1 - j0) * sizeof(T));
@@ -421,9 +422,9 @@ struct TimeLstmFusedArgs {
   const T* dt;     // (N)
   const T* peep;
   const T* time_w;
-  T* gates;  // (N, G): the activations, for the backward
-  T* cells;  // (N, H): the carried cell c'
-  T* cts;    // (N, H): the output cell ct (variants 2 and 3), else null
+  T* gates;  // (N, G): the activations, for the backward; null at inference (a scratch instead)
+  T* cells;  // (N, H): the carried cell c'; null at inference
+  T* cts;    // (N, H): the output cell ct (variants 2 and 3); null in variant 1 and at inference
   T* out;
   T* c_state;
   const T* h0;
@@ -434,27 +435,37 @@ struct TimeLstmFusedRows {
   const T* x;
   int64_t I;
   PrevRows<T> prev;
-  T* g;  // the step's gate rows
+  T* g;  // the step's gate rows, or the scratch (kScratchRows rows) at inference
+  bool scratch;
   int64_t G;
   const T* bias;
   TRF_ALWAYS_INLINE const T* x_row(int64_t b) const { return x + b * I; }
   TRF_ALWAYS_INLINE const T* a(int64_t b) const { return prev.row(b); }
   TRF_ALWAYS_INLINE const T* init(int64_t) const { return bias; }
-  TRF_ALWAYS_INLINE T* dst(int64_t b) const { return g + b * G; }
+  TRF_ALWAYS_INLINE T* dst(int64_t b) const {
+    return scratch ? g + (b % kScratchRows) * G : g + b * G;
+  }
 };
 
-// The cell on rows [b0, b1) x units [j0, j1) of one step (the rows' pointers are the step's).
+// The cell on rows [b0, b1) x units [j0, j1) of one step (the rows' pointers are the step's);
+// cells and cts null at inference.
 template <typename T, int V>
 struct TimeLstmFusedEpilogue {
+  const TimeLstmFusedRows<T>* rows;
   int64_t H;
-  T* g;
   const T* dt;
   const T* peep;
   const T* time_w;
   T *c_state, *cells, *cts, *out;
   TRF_ALWAYS_INLINE void operator()(int64_t b0, int64_t b1, int64_t j0, int64_t j1) const {
-    time_lstm_cells<T, V>(b0, b1, j0, j1, H, g, dt, peep, time_w, c_state, cells, cts, out,
-                          nullptr);
+    if (!rows->scratch) {
+      time_lstm_cells<T, V>(b0, b1, j0, j1, H, rows->g, dt, peep, time_w, c_state, cells, cts,
+                            out, nullptr);
+      return;
+    }
+    for (int64_t b = b0; b < b1; ++b)  // a scratch row a call: rows map to slots b mod 16
+      time_lstm_cells<T, V>(0, 1, j0, j1, H, rows->dst(b), dt + b, peep, time_w,
+                            c_state + b * H, nullptr, nullptr, out + b * H, nullptr);
   }
 };
 
@@ -474,8 +485,9 @@ struct TimeLstmFusedEpilogueAvx512 {
     }
     const int64_t H = e.H;
     const vec::TimeLstmUnitWeights16 w = vec::load_time_unit_weights16(e.peep, e.time_w, H, j0);
+    const bool save = !e.rows->scratch;
     for (int64_t b = b0; b < b1; ++b) {
-      float* row = e.g + b * L.gates * H + j0;
+      float* row = e.rows->dst(b) + j0;
       __m512 i = _mm512_loadu_ps(row + L.i * H), g = _mm512_loadu_ps(row + L.g * H);
       __m512 o = _mm512_loadu_ps(row + L.o * H), t1 = _mm512_loadu_ps(row + L.t1 * H);
       __m512 f = V != kTimeLstm3 ? _mm512_loadu_ps(row + L.f * H) : _mm512_setzero_ps();
@@ -484,6 +496,9 @@ struct TimeLstmFusedEpilogueAvx512 {
       __m512 c_next, ct, h;
       vec::time_lstm_cell_forward16<V>(i, f, g, o, t1, t2, _mm512_loadu_ps(cs),
                                        _mm512_set1_ps(e.dt[b]), w, c_next, ct, h);
+      _mm512_storeu_ps(cs, c_next);
+      _mm512_storeu_ps(e.out + b * H + j0, h);
+      if (!save) continue;
       _mm512_storeu_ps(row + L.i * H, i);
       if constexpr (V != kTimeLstm3) _mm512_storeu_ps(row + L.f * H, f);
       _mm512_storeu_ps(row + L.g * H, g);
@@ -493,9 +508,7 @@ struct TimeLstmFusedEpilogueAvx512 {
         _mm512_storeu_ps(row + L.t2 * H, t2);
         _mm512_storeu_ps(e.cts + b * H + j0, ct);
       }
-      _mm512_storeu_ps(cs, c_next);
       _mm512_storeu_ps(e.cells + b * H + j0, c_next);
-      _mm512_storeu_ps(e.out + b * H + j0, h);
     }
   }
 };
@@ -508,22 +521,30 @@ TRF_ALWAYS_INLINE void time_lstm_fused_loop_impl(const TimeLstmFusedArgs<T>& A, 
   constexpr TimeLstmLayout L = time_lstm_layout(V);
   const Schedule& s = *A.s;
   const int64_t H = A.H, G = L.gates * H, I = A.w->K1;
+  // Inference: no gate matrix, only this scratch; no cells or cts.
+  const bool scratch = A.gates == nullptr;
+  std::vector<T> scratch_rows(scratch ? kScratchRows * G : 0);
   for (int64_t k = 0; k < s.steps; ++k) {
     const int64_t t = s.time_at(k);
     const int64_t e = std::min(b1, s.batch_sizes[t]);
     if (e > b0 && u1 > u0) {
       const int64_t off = s.offsets[t];
-      const TimeLstmFusedRows<T> rows{A.input + off * I, I,
+      const TimeLstmFusedRows<T> rows{A.input + off * I,
+                                      I,
                                       prev_rows(s, k, static_cast<const T*>(A.out), A.h0, H),
-                                      A.gates + off * G, G, A.bias};
-      const TimeLstmFusedEpilogue<T, V> epi{H,
-                                            A.gates + off * G,
+                                      scratch ? scratch_rows.data() : A.gates + off * G,
+                                      scratch,
+                                      G,
+                                      A.bias};
+      const TimeLstmFusedEpilogue<T, V> epi{&rows,
+                                            H,
                                             A.dt + off,
                                             A.peep,
                                             A.time_w,
                                             A.c_state,
-                                            A.cells + off * H,
-                                            A.cts != nullptr ? A.cts + off * H : nullptr,
+                                            scratch ? nullptr : A.cells + off * H,
+                                            !scratch && A.cts != nullptr ? A.cts + off * H
+                                                                         : nullptr,
                                             A.out + off * H};
 #if TRF_HAVE_PANELS
       if constexpr (Isa == PanelIsa::kAvx512 && std::is_same_v<T, float>)
@@ -600,12 +621,14 @@ TimeShapes check_time_args(const char* cell, const at::Tensor& input, const at::
                            [&](int64_t) { check_cpu_dtype(input, cell); });
 }
 
+// save = false (inference): with the input projection in the tiles, no gate matrix, cells or cts
+// are written (returned empty); the per-step BLAS loop (few rows) writes them anyway.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-time_lstm_forward_cpu(const at::Tensor& input, const at::Tensor& delta_t,
-                      const at::Tensor& batch_sizes, const at::Tensor& h0, const at::Tensor& c0,
-                      const at::Tensor& w_ih, const at::Tensor& w_hh,
-                      const c10::optional<at::Tensor>& bias, const at::Tensor& peep,
-                      const at::Tensor& time_w, int64_t variant, bool reverse) {
+time_lstm_forward_impl(const at::Tensor& input, const at::Tensor& delta_t,
+                       const at::Tensor& batch_sizes, const at::Tensor& h0, const at::Tensor& c0,
+                       const at::Tensor& w_ih, const at::Tensor& w_hh,
+                       const c10::optional<at::Tensor>& bias, const at::Tensor& peep,
+                       const at::Tensor& time_w, int64_t variant, bool reverse, bool save) {
   const auto L = checked_time_lstm_layout(variant);
   const auto d = check_time_args("TimeLSTM", input, delta_t, h0, c0, w_ih, w_hh, L.gates, L.h_gates);
   check_vector(bias, "bias", L.gates * d.H, input);
@@ -613,30 +636,33 @@ time_lstm_forward_cpu(const at::Tensor& input, const at::Tensor& delta_t,
   check_matrix(time_w, "time_w", 3, d.H, input);
   const Schedule s = make_schedule(batch_sizes, d.N, d.B, reverse);
   auto opts = input.options();
-  at::Tensor cells = workspace_empty({d.N, d.H}, opts);
-  at::Tensor cts = variant == kTimeLstm1 ? at::empty({0}, opts) : workspace_empty({d.N, d.H}, opts);
+  const PanelIsa isa = panel_isa();
+  const bool fused = isa != PanelIsa::kNone && fuse_input_projection(s);
+  const int64_t saved_rows = save || !fused ? d.N : 0;
+  at::Tensor cells = workspace_empty({saved_rows, d.H}, opts);
+  at::Tensor cts = variant == kTimeLstm1 ? at::empty({0}, opts)
+                                         : workspace_empty({saved_rows, d.H}, opts);
   at::Tensor out = at::empty({d.N, d.H}, opts);
   at::Tensor h_state = h0.clone(at::MemoryFormat::Contiguous);
   at::Tensor c_state = c0.clone(at::MemoryFormat::Contiguous);
   at::Tensor dt = delta_t.contiguous();
   at::Tensor peep_c = peep.contiguous(), time_w_c = time_w.contiguous();
-  const PanelIsa isa = panel_isa();
-  if (isa != PanelIsa::kNone && fuse_input_projection(s)) {
+  if (fused) {
     const size_t elem = input.element_size();
     const GatePanels geometry =
         panel_geometry(input.size(1), d.H, d.H, L.gates, panel_lanes(isa, elem), L.h_gates);
     const PanelSplit split = choose_panel_split(s, geometry, elem, kMinRowsPerBlock);
-    at::Tensor gates = workspace_empty({d.N, L.gates * d.H}, opts);
+    at::Tensor gates = workspace_empty({saved_rows, L.gates * d.H}, opts);
     at::Tensor x = input.contiguous(), h0_c = h0.contiguous();
     at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "timerec_fast_time_lstm_forward_fused", [&] {
       const TimeLstmFusedArgs<scalar_t> args{
           &s, nullptr, nullptr, d.H, x.data_ptr<scalar_t>(),
           bias_c.defined() ? bias_c.data_ptr<scalar_t>() : nullptr, dt.data_ptr<scalar_t>(),
-          peep_c.data_ptr<scalar_t>(), time_w_c.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(),
-          cells.data_ptr<scalar_t>(),
-          variant == kTimeLstm1 ? nullptr : cts.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
-          c_state.data_ptr<scalar_t>(), h0_c.data_ptr<scalar_t>()};
+          peep_c.data_ptr<scalar_t>(), time_w_c.data_ptr<scalar_t>(),
+          save ? gates.data_ptr<scalar_t>() : nullptr, save ? cells.data_ptr<scalar_t>() : nullptr,
+          save && variant != kTimeLstm1 ? cts.data_ptr<scalar_t>() : nullptr,
+          out.data_ptr<scalar_t>(), c_state.data_ptr<scalar_t>(), h0_c.data_ptr<scalar_t>()};
       time_lstm_forward_fused<scalar_t>(isa, static_cast<int>(variant), s, d.H,
                                         w_ih.contiguous(), w_hh.contiguous(), split, args,
                                         h_state.data_ptr<scalar_t>());
@@ -656,6 +682,27 @@ time_lstm_forward_cpu(const at::Tensor& input, const at::Tensor& delta_t,
     });
   });
   return {out, h_state, c_state, gates, cells, cts};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+time_lstm_forward_cpu(const at::Tensor& input, const at::Tensor& delta_t,
+                      const at::Tensor& batch_sizes, const at::Tensor& h0, const at::Tensor& c0,
+                      const at::Tensor& w_ih, const at::Tensor& w_hh,
+                      const c10::optional<at::Tensor>& bias, const at::Tensor& peep,
+                      const at::Tensor& time_w, int64_t variant, bool reverse) {
+  return time_lstm_forward_impl(input, delta_t, batch_sizes, h0, c0, w_ih, w_hh, bias, peep,
+                                time_w, variant, reverse, /*save=*/true);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor>
+time_lstm_inference_cpu(const at::Tensor& input, const at::Tensor& delta_t,
+                        const at::Tensor& batch_sizes, const at::Tensor& h0, const at::Tensor& c0,
+                        const at::Tensor& w_ih, const at::Tensor& w_hh,
+                        const c10::optional<at::Tensor>& bias, const at::Tensor& peep,
+                        const at::Tensor& time_w, int64_t variant, bool reverse) {
+  auto r = time_lstm_forward_impl(input, delta_t, batch_sizes, h0, c0, w_ih, w_hh, bias, peep,
+                                  time_w, variant, reverse, /*save=*/false);
+  return {std::get<0>(r), std::get<1>(r), std::get<2>(r)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
@@ -812,6 +859,7 @@ tlstm_backward_cpu(const c10::optional<at::Tensor>& grad_output,
 
 TORCH_LIBRARY_IMPL(timerec_fast, CPU, m) {
   m.impl("time_lstm_forward", &time_lstm_forward_cpu);
+  m.impl("time_lstm_inference", &time_lstm_inference_cpu);
   m.impl("time_lstm_backward", &time_lstm_backward_cpu);
   m.impl("tlstm_forward", &tlstm_forward_cpu);
   m.impl("tlstm_backward", &tlstm_backward_cpu);

@@ -59,6 +59,8 @@ TORCH_LIBRARY_IMPL(timerec_fast, AutocastCUDA, m) {
   m.impl("gru_inference", torch::CppFunction::makeFromBoxedFunction<&autocast_cuda_boxed>());
   m.impl("time_lstm_forward",
          torch::CppFunction::makeFromBoxedFunction<&autocast_cuda_fp32_boxed>());
+  m.impl("time_lstm_inference",
+         torch::CppFunction::makeFromBoxedFunction<&autocast_cuda_fp32_boxed>());
   m.impl("tlstm_forward", torch::CppFunction::makeFromBoxedFunction<&autocast_cuda_fp32_boxed>());
 }
 

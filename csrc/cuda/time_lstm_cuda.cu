@@ -560,10 +560,23 @@ tlstm_backward_cuda(const c10::optional<at::Tensor>& grad_output,
           d_pre.sum(0)};
 }
 
+// The CUDA forward keeps its gates, cells and cts either way; inference drops them.
+std::tuple<at::Tensor, at::Tensor, at::Tensor>
+time_lstm_inference_cuda(const at::Tensor& input, const at::Tensor& delta_t,
+                         const at::Tensor& batch_sizes, const at::Tensor& h0, const at::Tensor& c0,
+                         const at::Tensor& w_ih, const at::Tensor& w_hh,
+                         const c10::optional<at::Tensor>& bias, const at::Tensor& peep,
+                         const at::Tensor& time_w, int64_t variant, bool reverse) {
+  auto r = time_lstm_forward_cuda(input, delta_t, batch_sizes, h0, c0, w_ih, w_hh, bias, peep,
+                                  time_w, variant, reverse);
+  return {std::get<0>(r), std::get<1>(r), std::get<2>(r)};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(timerec_fast, CUDA, m) {
   m.impl("time_lstm_forward", &time_lstm_forward_cuda);
+  m.impl("time_lstm_inference", &time_lstm_inference_cuda);
   m.impl("time_lstm_backward", &time_lstm_backward_cuda);
   m.impl("tlstm_forward", &tlstm_forward_cuda);
   m.impl("tlstm_backward", &tlstm_backward_cuda);
