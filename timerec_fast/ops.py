@@ -72,6 +72,15 @@ def register_autograd(op, backward, setup_context):
     _FUNCTIONS[op] = (eager, func)
 
 
+def call_forward_or_inference(forward, inference, args, differentiable, outputs):
+    """A forward op with a saving (autograd) and an inference variant: the forward's first
+    `outputs` results (what the inference op returns) through autograd when something needs a
+    gradient, else the inference op, which saves nothing for a backward."""
+    if _needs_autograd(differentiable):
+        return tuple(_call_with_autograd(forward, args, differentiable)[:outputs])
+    return tuple(_below_autograd(inference, args))
+
+
 def call_op(op, args, differentiable):
     """Runs op(*args): below autograd when nothing needs a gradient, else _call_with_autograd."""
     if not _needs_autograd(differentiable):
@@ -198,11 +207,8 @@ def lstm_layer(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_h
                reverse=False):
     """One LSTM layer, one direction, over a packed sequence. Returns (output, h_n, c_n)."""
     args = (input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse)
-    if _needs_autograd(args[:9]):
-        out, h_n, c_n, _, _, _ = _call_with_autograd(_ops.lstm_forward.default, args, args[:9])
-        return out, h_n, c_n
-    # Nothing will be differentiated: the inference op saves no gates for a backward.
-    return tuple(_below_autograd(_ops.lstm_inference.default, args))
+    return call_forward_or_inference(_ops.lstm_forward.default, _ops.lstm_inference.default, args,
+                                     args[:9], outputs=3)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,11 +263,8 @@ register_autograd(_ops.gru_forward.default, _gru_backward, setup_context=_gru_se
 def gru_layer(input, batch_sizes, h0, w_ih, w_hh, b_ih=None, b_hh=None, reverse=False):
     """One GRU layer, one direction, over a packed sequence. Returns (output, h_n)."""
     args = (input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, reverse)
-    if _needs_autograd(args[:7]):
-        out, h_n, _, _ = _call_with_autograd(_ops.gru_forward.default, args, args[:7])
-        return out, h_n
-    # Nothing will be differentiated: the inference op writes no gates or hn for a backward.
-    return tuple(_below_autograd(_ops.gru_inference.default, args))
+    return call_forward_or_inference(_ops.gru_forward.default, _ops.gru_inference.default, args,
+                                     args[:7], outputs=2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,12 +327,8 @@ def time_lstm_layer(input, delta_t, batch_sizes, h0, c0, w_ih, w_hh, bias, peep,
                     reverse=False):
     """One Time-LSTM layer (variant 1, 2 or 3), one direction. Returns (output, h_n, c_n)."""
     args = (input, delta_t, batch_sizes, h0, c0, w_ih, w_hh, bias, peep, time_w, variant, reverse)
-    if _needs_autograd(args[:10]):
-        out, h_n, c_n, _, _, _ = _call_with_autograd(_ops.time_lstm_forward.default, args,
-                                                     args[:10])
-        return out, h_n, c_n
-    # Nothing will be differentiated: the inference op saves nothing for a backward.
-    return tuple(_below_autograd(_ops.time_lstm_inference.default, args))
+    return call_forward_or_inference(_ops.time_lstm_forward.default,
+                                     _ops.time_lstm_inference.default, args, args[:10], outputs=3)
 
 
 @torch.library.register_fake("timerec_fast::tlstm_forward")

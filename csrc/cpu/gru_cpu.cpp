@@ -195,44 +195,30 @@ struct GruFusedEpilogue {
       const T* hg = rows->dst(b);
       const T* hp = rows->prev.row(b);
       T* ho = out + b * H;
+      // Without save, g is null (fused input) or the input projection, overwritten in place
+      // with the activations as before (nobody reads it again).
+      T* x = g != nullptr ? g + b * 3 * H : nullptr;
+      T* hnb = save ? hn + b * H : nullptr;
       if (fused_input) {  // hg: [r, z, n_h, n_x], both sides summed in r and z
-        if (!save) {
-#pragma GCC ivdep
-          for (int64_t j = j0; j < j1; ++j) {
-            T r = hg[j], z = hg[H + j], n = hg[3 * H + j];
-            ho[j] = gru_cell_forward(r, z, n, T(0), T(0), hg[2 * H + j], hp[j]);
-          }
-          continue;
-        }
-        T* x = g + b * 3 * H;
-        T* hnb = hn + b * H;
 #pragma GCC ivdep
         for (int64_t j = j0; j < j1; ++j) {
           T r = hg[j], z = hg[H + j], n = hg[3 * H + j];
           const T hnj = hg[2 * H + j];
           ho[j] = gru_cell_forward(r, z, n, T(0), T(0), hnj, hp[j]);
-          x[j] = r;
-          x[H + j] = z;
-          x[2 * H + j] = n;
-          hnb[j] = hnj;
+          if (save) {
+            x[j] = r;
+            x[H + j] = z;
+            x[2 * H + j] = n;
+            hnb[j] = hnj;
+          }
         }
         continue;
       }
-      T* x = g + b * 3 * H;
-      if (!save) {
-#pragma GCC ivdep
-        for (int64_t j = j0; j < j1; ++j) {
-          T r = x[j], z = x[H + j], n = x[2 * H + j];
-          ho[j] = gru_cell_forward(r, z, n, hg[j], hg[H + j], hg[2 * H + j], hp[j]);
-        }
-        continue;
-      }
-      T* hnb = hn + b * H;
 #pragma GCC ivdep
       for (int64_t j = j0; j < j1; ++j) {
         const T hnj = hg[2 * H + j];
         ho[j] = gru_cell_forward(x[j], x[H + j], x[2 * H + j], hg[j], hg[H + j], hnj, hp[j]);
-        hnb[j] = hnj;
+        if (save) hnb[j] = hnj;
       }
     }
   }
