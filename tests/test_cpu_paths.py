@@ -142,6 +142,32 @@ def test_more_threads_than_cpus(threads, cls, ref_cls):
     _check(ours, ref, x, TOL[torch.float64])
 
 
+@pytest.mark.parametrize("batch", [1, 40])
+@pytest.mark.parametrize("cls", [timerec_fast.LSTM, timerec_fast.GRU, timerec_fast.TimeLSTM])
+def test_one_step_takes_blas(monkeypatch, threads, batch, cls):
+    """A call of one step (every Cell call) would pack W into panels for a single product: it takes
+    the BLAS path (csrc/cpu/gate_panels.h, panel_isa_for), forward and backward, so its results
+    equal the TIMEREC_CPU_GEMM=blas run bit for bit. Two steps of 40 rows run on the panels and
+    differ in the last bits: the comparison can tell the paths apart."""
+    threads(1)
+    torch.manual_seed(0)
+    m = cls(24, 40)
+
+    def run(steps, gemm):
+        monkeypatch.setenv("TIMEREC_CPU_GEMM", gemm)
+        g = torch.Generator().manual_seed(steps)
+        x = torch.randn(steps, batch, 24, generator=g).requires_grad_(True)
+        args = (x, torch.rand(steps, batch, generator=g)) if cls is timerec_fast.TimeLSTM else (x,)
+        out, _ = m(*args)
+        grads = torch.autograd.grad(out.square().sum(), [x] + list(m.parameters()))
+        return [out.detach()] + list(grads)
+
+    for a, b in zip(run(1, ""), run(1, "blas")):
+        assert torch.equal(a, b)
+    if batch == 40:
+        assert not all(torch.equal(a, b) for a, b in zip(run(2, ""), run(2, "blas")))
+
+
 @pytest.mark.parametrize("scale", [1.0, 60.0])
 @pytest.mark.parametrize("grad", [False, True])
 @pytest.mark.parametrize("cls,ref_cls", [(timerec_fast.LSTM, torch.nn.LSTM),

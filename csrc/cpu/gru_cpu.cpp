@@ -388,7 +388,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_forward_impl(
   const int64_t N = input.size(0), B = h0.size(0), I = input.size(1);
   const Schedule s = make_schedule(batch_sizes, N, B, reverse);
   auto opts = input.options();
-  PanelIsa isa = panel_isa();
+  PanelIsa isa = panel_isa_for(s);
   // The input projection joins the tiles (see the fused forward above) where that measured
   // faster: when the threads split the units (W_ih' and W_hh do not fit half a core's L2) or when
   // a unit chunk's fused panel fits in L1 (32 KB). In between, e.g. (B, T, I, H) =
@@ -493,7 +493,7 @@ gru_backward_cpu(const c10::optional<at::Tensor>& grad_output,
   // Per row block: the column sums of dxg (3H) and of dhn (H), the bias gradients' partial sums.
   at::Tensor sums = at::zeros({static_cast<int64_t>(blocks.size()), 4 * H}, opts);
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "timerec_fast_gru_backward", [&] {
-    const auto w_hh_r = RecurrentWeight<scalar_t>::prepare(w_hh_c, panel_isa_for_rows(B));
+    const auto w_hh_r = RecurrentWeight<scalar_t>::prepare(w_hh_c, panel_isa_for_rows(s, B));
     const PrevStateGather<scalar_t> gather{nullptr, 0, out_c.data_ptr<scalar_t>(),
                                            h0_c.data_ptr<scalar_t>(), H,
                                            h_prev.data_ptr<scalar_t>()};

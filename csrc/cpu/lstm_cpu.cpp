@@ -410,6 +410,10 @@ void lstm_forward_fused(PanelIsa isa, const Schedule& s, int64_t H, const at::Te
 
 // Blocks need at least this many rows to be worth a thread of their own.
 constexpr int64_t kMinRowsPerBlock = 8;
+// From this many rows in all the backward makes [dW_ih, dW_hh] with one GEMM and copies the two
+// halves out; below, a GEMM each (the backward op of an LSTMCell step at (B, H) = (1, 128): 38
+// against 46 us with the copies).
+constexpr int64_t kOneWeightGemmRows = 256;
 
 // ---- ops ---------------------------------------------------------------------------------------
 
@@ -439,7 +443,7 @@ lstm_forward_impl(const at::Tensor& input, const at::Tensor& batch_sizes, const 
   at::Tensor h_state = h0.clone(at::MemoryFormat::Contiguous);
   at::Tensor c_state = c0.clone(at::MemoryFormat::Contiguous);
 
-  const PanelIsa isa = panel_isa();
+  const PanelIsa isa = panel_isa_for(s);
   if (!d.proj && isa != PanelIsa::kNone && s.steps > 0) {
     // With enough rows per step the input projection joins the per-step tiles (no (N, 4H) gate
     // matrix written and read back). With few rows per step it is one product over all steps:
@@ -547,7 +551,7 @@ lstm_backward_cpu(const c10::optional<at::Tensor>& grad_output,
 
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "timerec_fast_lstm_backward", [&] {
     // dh_{t-1} = dG_t W_hh on W_hh packed once (gate_panels.h), not re-read by BLAS every step.
-    const auto w_hh_r = RecurrentWeight<scalar_t>::prepare(w_hh_c, panel_isa_for_rows(d.B));
+    const auto w_hh_r = RecurrentWeight<scalar_t>::prepare(w_hh_c, panel_isa_for_rows(s, d.B));
     const PrevStateGather<scalar_t> gather{x_c.data_ptr<scalar_t>(), I,
                                            out_c.data_ptr<scalar_t>(),
                                            h0_c.data_ptr<scalar_t>(), d.P,
@@ -566,9 +570,15 @@ lstm_backward_cpu(const c10::optional<at::Tensor>& grad_output,
 
   // Input and weight gradients: one large GEMM each over all steps (dx; [dW_ih, dW_hh]).
   at::Tensor grad_input = input_grad ? at::mm(dgates, w_ih) : at::empty({0}, opts);
-  const at::Tensor grad_w = at::mm(dgates.t(), xh);  // (4H, I + P)
-  at::Tensor grad_w_ih = grad_w.narrow(1, 0, I).contiguous();
-  at::Tensor grad_w_hh = grad_w.narrow(1, I, d.P).contiguous();
+  at::Tensor grad_w_ih, grad_w_hh;
+  if (d.N >= kOneWeightGemmRows) {
+    const at::Tensor grad_w = at::mm(dgates.t(), xh);  // (4H, I + P)
+    grad_w_ih = grad_w.narrow(1, 0, I).contiguous();
+    grad_w_hh = grad_w.narrow(1, I, d.P).contiguous();
+  } else {  // the two copies out of grad_w would cost more than the products
+    grad_w_ih = at::mm(dgates.t(), xh.narrow(1, 0, I));
+    grad_w_hh = at::mm(dgates.t(), xh.narrow(1, I, d.P));
+  }
   at::Tensor grad_bias = db_blocks.sum(0);
   at::Tensor grad_w_hr = d.proj ? at::mm(dy.t(), hpre) : at::empty({0}, opts);
   return {grad_input, dh_state, dc_state, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr};

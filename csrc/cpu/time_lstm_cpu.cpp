@@ -636,7 +636,7 @@ time_lstm_forward_impl(const at::Tensor& input, const at::Tensor& delta_t,
   check_matrix(time_w, "time_w", 3, d.H, input);
   const Schedule s = make_schedule(batch_sizes, d.N, d.B, reverse);
   auto opts = input.options();
-  const PanelIsa isa = panel_isa();
+  const PanelIsa isa = panel_isa_for(s);
   const bool fused = isa != PanelIsa::kNone && fuse_input_projection(s);
   const int64_t saved_rows = save || !fused ? d.N : 0;
   at::Tensor cells = workspace_empty({saved_rows, d.H}, opts);
@@ -739,7 +739,7 @@ time_lstm_backward_cpu(const c10::optional<at::Tensor>& grad_output,
   at::Tensor sums = at::zeros({nb, 6, H}, opts), scratch = at::empty({nb, H}, opts);
   at::Tensor bias_sums = at::zeros({nb, G}, opts);
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "timerec_fast_time_lstm_backward", [&] {
-    const auto w_hh_r = RecurrentWeight<scalar_t>::prepare(w_hh_c, panel_isa_for_rows(d.B));
+    const auto w_hh_r = RecurrentWeight<scalar_t>::prepare(w_hh_c, panel_isa_for_rows(s, d.B));
     const PrevStateGather<scalar_t> h_gather{nullptr, 0, out_c.data_ptr<scalar_t>(),
                                              h0_c.data_ptr<scalar_t>(), H,
                                              h_prev.data_ptr<scalar_t>()};
@@ -784,8 +784,8 @@ tlstm_forward_cpu(const at::Tensor& input, const at::Tensor& delta_t,
   at::Tensor dt = delta_t.contiguous();
   at::Tensor b_d_c = b_d.has_value() ? b_d->contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "timerec_fast_tlstm_forward", [&] {
-    const auto w_hh_r = RecurrentWeight<scalar_t>::for_forward(w_hh, s, panel_isa());
-    const auto w_d_r = RecurrentWeight<scalar_t>::for_forward(w_d, s, panel_isa());
+    const auto w_hh_r = RecurrentWeight<scalar_t>::for_forward(w_hh, s, panel_isa_for(s));
+    const auto w_d_r = RecurrentWeight<scalar_t>::for_forward(w_d, s, panel_isa_for(s));
     for_blocks(split_batch(s, kMinRowsPerBlock), [&](RowBlock blk) {
       tlstm_forward_block<scalar_t>(
           s, blk, d.H, w_hh_r, w_d_r,
@@ -826,8 +826,8 @@ tlstm_backward_cpu(const c10::optional<at::Tensor>& grad_output,
   // Per row block: column sums of dgates (4H) and of d_pre (H), the bias gradients' partial sums.
   at::Tensor sums = at::zeros({static_cast<int64_t>(blocks.size()), 5 * H}, opts);
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "timerec_fast_tlstm_backward", [&] {
-    const auto w_hh_r = RecurrentWeight<scalar_t>::prepare(w_hh_c, panel_isa_for_rows(d.B));
-    const auto w_d_r = RecurrentWeight<scalar_t>::prepare(w_d_c, panel_isa_for_rows(d.B));
+    const auto w_hh_r = RecurrentWeight<scalar_t>::prepare(w_hh_c, panel_isa_for_rows(s, d.B));
+    const auto w_d_r = RecurrentWeight<scalar_t>::prepare(w_d_c, panel_isa_for_rows(s, d.B));
     const PrevStateGather<scalar_t> h_gather{nullptr, 0, out_c.data_ptr<scalar_t>(),
                                              h0_c.data_ptr<scalar_t>(), H,
                                              h_prev.data_ptr<scalar_t>()};
