@@ -145,8 +145,9 @@ def test_more_threads_than_cpus(threads, cls, ref_cls):
 @pytest.mark.parametrize("batch", [1, 40])
 @pytest.mark.parametrize("cls", [timerec_fast.LSTM, timerec_fast.GRU, timerec_fast.TimeLSTM])
 def test_one_step_takes_blas(monkeypatch, threads, batch, cls):
-    """A call of one step (every Cell call) would pack W into panels for a single product: it takes
-    the BLAS path (csrc/cpu/gate_panels.h, panel_isa_for), forward and backward, so its results
+    """A call of one step with at most 64 rows (a Cell call of that size) would pack W into panels
+    for a single product: it takes the BLAS path (csrc/cpu/gate_panels.h, panel_isa_for), forward
+    and backward, so its results
     equal the TIMEREC_CPU_GEMM=blas run bit for bit. Two steps of 40 rows run on the panels and
     differ in the last bits: the comparison can tell the paths apart."""
     threads(1)

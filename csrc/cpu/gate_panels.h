@@ -726,11 +726,12 @@ inline PanelIsa panel_isa_for(const Schedule& s) {
   return s.steps == 1 && s.rows <= kOneStepBlasRows ? PanelIsa::kNone : panel_isa();
 }
 
-// Panels pay off only for products of more than kSmallGemmRows rows (fewer take the small-GEMM
-// kernels on the plain matrix), so with at most that many rows per step packing them would only
-// copy W again.
-inline PanelIsa panel_isa_for_rows(const Schedule& s, int64_t max_rows) {
-  return max_rows > kSmallGemmRows ? panel_isa_for(s) : PanelIsa::kNone;
+// For the per-step products of a backward (dh_{t-1} = dG_t W_hh): panels pay off only for
+// products of more than kSmallGemmRows rows (fewer take the small-GEMM kernels on the plain
+// matrix), so when no step has more (s.batch, the first step's rows) packing would only copy W
+// again.
+inline PanelIsa per_step_panel_isa(const Schedule& s) {
+  return s.batch > kSmallGemmRows ? panel_isa_for(s) : PanelIsa::kNone;
 }
 
 // A per-step right operand, built once per call: the plain matrix for BLAS and the small-GEMM

@@ -493,7 +493,7 @@ gru_backward_cpu(const c10::optional<at::Tensor>& grad_output,
   // Per row block: the column sums of dxg (3H) and of dhn (H), the bias gradients' partial sums.
   at::Tensor sums = at::zeros({static_cast<int64_t>(blocks.size()), 4 * H}, opts);
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "timerec_fast_gru_backward", [&] {
-    const auto w_hh_r = RecurrentWeight<scalar_t>::prepare(w_hh_c, panel_isa_for_rows(s, B));
+    const auto w_hh_r = RecurrentWeight<scalar_t>::prepare(w_hh_c, per_step_panel_isa(s));
     const PrevStateGather<scalar_t> gather{nullptr, 0, out_c.data_ptr<scalar_t>(),
                                            h0_c.data_ptr<scalar_t>(), H,
                                            h_prev.data_ptr<scalar_t>()};

@@ -551,7 +551,7 @@ lstm_backward_cpu(const c10::optional<at::Tensor>& grad_output,
 
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "timerec_fast_lstm_backward", [&] {
     // dh_{t-1} = dG_t W_hh on W_hh packed once (gate_panels.h), not re-read by BLAS every step.
-    const auto w_hh_r = RecurrentWeight<scalar_t>::prepare(w_hh_c, panel_isa_for_rows(s, d.B));
+    const auto w_hh_r = RecurrentWeight<scalar_t>::prepare(w_hh_c, per_step_panel_isa(s));
     const PrevStateGather<scalar_t> gather{x_c.data_ptr<scalar_t>(), I,
                                            out_c.data_ptr<scalar_t>(),
                                            h0_c.data_ptr<scalar_t>(), d.P,

@@ -739,7 +739,7 @@ time_lstm_backward_cpu(const c10::optional<at::Tensor>& grad_output,
   at::Tensor sums = at::zeros({nb, 6, H}, opts), scratch = at::empty({nb, H}, opts);
   at::Tensor bias_sums = at::zeros({nb, G}, opts);
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "timerec_fast_time_lstm_backward", [&] {
-    const auto w_hh_r = RecurrentWeight<scalar_t>::prepare(w_hh_c, panel_isa_for_rows(s, d.B));
+    const auto w_hh_r = RecurrentWeight<scalar_t>::prepare(w_hh_c, per_step_panel_isa(s));
     const PrevStateGather<scalar_t> h_gather{nullptr, 0, out_c.data_ptr<scalar_t>(),
                                              h0_c.data_ptr<scalar_t>(), H,
                                              h_prev.data_ptr<scalar_t>()};
@@ -826,8 +826,8 @@ tlstm_backward_cpu(const c10::optional<at::Tensor>& grad_output,
   // Per row block: column sums of dgates (4H) and of d_pre (H), the bias gradients' partial sums.
   at::Tensor sums = at::zeros({static_cast<int64_t>(blocks.size()), 5 * H}, opts);
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "timerec_fast_tlstm_backward", [&] {
-    const auto w_hh_r = RecurrentWeight<scalar_t>::prepare(w_hh_c, panel_isa_for_rows(s, d.B));
-    const auto w_d_r = RecurrentWeight<scalar_t>::prepare(w_d_c, panel_isa_for_rows(s, d.B));
+    const auto w_hh_r = RecurrentWeight<scalar_t>::prepare(w_hh_c, per_step_panel_isa(s));
+    const auto w_d_r = RecurrentWeight<scalar_t>::prepare(w_d_c, per_step_panel_isa(s));
     const PrevStateGather<scalar_t> h_gather{nullptr, 0, out_c.data_ptr<scalar_t>(),
                                              h0_c.data_ptr<scalar_t>(), H,
                                              h_prev.data_ptr<scalar_t>()};
