@@ -469,6 +469,24 @@ def test_forward_without_autograd(mode, lstm_utils):
         lstm_utils.close(a, b, dtype)
 
 
+@pytest.mark.parametrize("cell", ["LSTM", "GRU"])
+def test_training_after_inference_mode_at_the_same_shape(cell):
+    """A padded batch's batch_sizes tensor is kept per (T, B) across calls: the one made under
+    inference_mode must still serve a later training call (autograd refuses to save an inference
+    tensor for backward)."""
+    shape = (7, 3, 5)  # (T, B, I): a shape no other test uses, so the first call here makes it
+    ours = getattr(timerec_fast, cell)(shape[2], 4)
+    ref = getattr(torch.nn, cell)(shape[2], 4)
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(shape)
+    with torch.inference_mode():
+        ours(x)
+    for m in (ours, ref):
+        m(x)[0].sum().backward()
+    for (name, p), q in zip(ours.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
+
+
 def test_frozen_parameters_and_input_without_grad(lstm_utils):
     """Only some leaves require grad (fine-tuning): the rest get none, the others match torch."""
     dtype = torch.float64

@@ -4,6 +4,8 @@ Everything about stacking is here, once, for every cell: input layouts (batched,
 batch_first, PackedSequence sorted or not), initial states, layers, directions and inter-layer
 dropout. A cell only says how to run one layer in one direction (``_layer``).
 """
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -79,6 +81,23 @@ def _time_major_rows(t, batch_first):
     return t.flatten(0, 1)
 
 
+@functools.lru_cache(maxsize=64)
+def _cached_batch_sizes(steps, batch):
+    # A normal tensor even when first asked for under inference_mode: autograd refuses to save
+    # an inference tensor, and a later training call gets this same one.
+    with torch.inference_mode(False):
+        return torch.full((steps,), batch, dtype=torch.int64)
+
+
+def _uniform_batch_sizes(steps, batch):
+    """batch_sizes of a padded (T, B) batch: [B] * T. Kept per (T, B) (the ops only read it and
+    it never reaches the caller) rather than made per call; fresh while compiling, so no cached
+    tensor becomes a graph constant."""
+    if torch.compiler.is_compiling():
+        return torch.full((steps,), batch, dtype=torch.int64)
+    return _cached_batch_sizes(steps, batch)
+
+
 class _FusedRNNMixin:
     """Shared forward for the fused modules.
 
@@ -141,13 +160,14 @@ class _FusedRNNMixin:
 
         num_directions = 2 if self.bidirectional else 1
         if hx is None:
-            # The ops only read initial states: one zero tensor serves every state of its width
-            # (the LSTM's h and c share one unless proj_size makes h narrower).
+            # The ops only read initial states: one (B, W) zero tensor serves every layer,
+            # direction and state of its width (the LSTM's h and c share one unless proj_size
+            # makes h narrower). At B = 1 every tensor call counts: the op evicts the
+            # interpreter's working set from cache, and each call after it costs several
+            # microseconds (a B = 1 forward is ~200 us).
             sizes = self._state_sizes()
-            zeros = torch.zeros(self.num_layers * num_directions, batch, sizes[0], dtype=x.dtype,
-                                device=x.device)
-            states = tuple(zeros if w == sizes[0] else zeros.new_zeros(zeros.shape[:2] + (w,))
-                           for w in sizes)
+            zeros = torch.zeros(batch, sizes[0], dtype=x.dtype, device=x.device)
+            states = tuple(zeros if w == sizes[0] else zeros.new_zeros((batch, w)) for w in sizes)
         else:
             states = self._unpack_states(hx)
             want = 3 if is_batched else 2
@@ -178,13 +198,16 @@ class _FusedRNNMixin:
             if steps == 0:
                 raise RuntimeError(f"{name}: Expected sequence length to be larger than 0, got "
                                    f"input of shape {tuple(x.shape)}")
-            batch_sizes = torch.full((steps,), batch, dtype=torch.int64)
+            batch_sizes = _uniform_batch_sizes(steps, batch)
 
+        shared = hx is None  # states: one (B, W) set for every layer, else (L * D, B, W) stacks
         if batch == 0:  # torch.nn returns empty outputs and the (empty) states
             width = num_directions * self._state_sizes()[0]
-            out, finals = rows.new_zeros((0, width)), states
+            out = rows.new_zeros((0, width))
+            finals = tuple(s.expand((self.num_layers * num_directions,) + s.shape).clone()
+                           for s in states) if shared else states
         else:
-            out, finals = self._run_layers(rows, batch_sizes, states, extra_rows)
+            out, finals = self._run_layers(rows, batch_sizes, states, shared, extra_rows)
 
         if unsorted_indices is not None:
             finals = tuple(s.index_select(1, unsorted_indices) for s in finals)
@@ -199,9 +222,12 @@ class _FusedRNNMixin:
             finals = tuple(s.squeeze(1) for s in finals)
         return out, self._pack_states(finals)
 
-    def _run_layers(self, x, batch_sizes, states, extra_rows):
+    def _run_layers(self, x, batch_sizes, states, shared, extra_rows):
+        """Runs every layer and direction. states: (B, W) tensors every layer and direction
+        starts from when `shared`, else (L * D, B, W) stacks indexed by layer and direction."""
         if self.num_layers == 1 and not self.bidirectional:  # the common case, without the loops
-            out, new_states = self._layer(x, batch_sizes, tuple(s[0] for s in states), 0, 0,
+            out, new_states = self._layer(x, batch_sizes,
+                                          states if shared else tuple(s[0] for s in states), 0, 0,
                                           extra_rows)
             return out, tuple(s.unsqueeze(0) for s in new_states)
         num_directions = 2 if self.bidirectional else 1
@@ -210,8 +236,9 @@ class _FusedRNNMixin:
             outs = []
             for direction in range(num_directions):
                 idx = layer * num_directions + direction
-                out, new_states = self._layer(x, batch_sizes, tuple(s[idx] for s in states), layer,
-                                              direction, extra_rows)
+                initial = states if shared else tuple(s[idx] for s in states)
+                out, new_states = self._layer(x, batch_sizes, initial, layer, direction,
+                                              extra_rows)
                 outs.append(out)
                 for acc, s in zip(finals, new_states):
                     acc.append(s)
