@@ -783,9 +783,10 @@ tlstm_forward_cpu(const at::Tensor& input, const at::Tensor& delta_t,
   at::Tensor c_state = c0.clone(at::MemoryFormat::Contiguous);
   at::Tensor dt = delta_t.contiguous();
   at::Tensor b_d_c = b_d.has_value() ? b_d->contiguous() : at::Tensor();
+  const PanelIsa isa = panel_isa_for(s);  // W_hh and W_d share the step's rows
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "timerec_fast_tlstm_forward", [&] {
-    const auto w_hh_r = RecurrentWeight<scalar_t>::for_forward(w_hh, s, panel_isa_for(s));
-    const auto w_d_r = RecurrentWeight<scalar_t>::for_forward(w_d, s, panel_isa_for(s));
+    const auto w_hh_r = RecurrentWeight<scalar_t>::for_forward(w_hh, s, isa);
+    const auto w_d_r = RecurrentWeight<scalar_t>::for_forward(w_d, s, isa);
     for_blocks(split_batch(s, kMinRowsPerBlock), [&](RowBlock blk) {
       tlstm_forward_block<scalar_t>(
           s, blk, d.H, w_hh_r, w_d_r,
