@@ -487,6 +487,23 @@ def test_training_after_inference_mode_at_the_same_shape(cell):
         torch.testing.assert_close(p.grad, q.grad, msg=name)
 
 
+def test_eager_call_after_fake_tensor_mode_and_device_context():
+    """A FakeTensorMode or default-device call at a new (T, B) must not leave a fake (or meta)
+    batch_sizes tensor behind for the next eager call at that shape."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    ours = timerec_fast.LSTM(5, 4)
+    ref = torch.nn.LSTM(5, 4)
+    ref.load_state_dict(ours.state_dict())
+    for steps, make_context in ((11, lambda: FakeTensorMode(allow_non_fake_inputs=True)),
+                                (13, lambda: torch.device("meta"))):
+        x = torch.randn(steps, 3, 5)  # shapes no other test uses
+        with make_context() as mode:
+            arg = mode.from_tensor(x) if isinstance(mode, FakeTensorMode) else x
+            assert ours(arg)[0].shape == (steps, 3, 4)
+        torch.testing.assert_close(ours(x)[0], ref(x)[0])
+
+
 def test_frozen_parameters_and_input_without_grad(lstm_utils):
     """Only some leaves require grad (fine-tuning): the rest get none, the others match torch."""
     dtype = torch.float64

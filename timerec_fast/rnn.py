@@ -86,15 +86,17 @@ def _cached_batch_sizes(steps, batch):
     # A normal tensor even when first asked for under inference_mode: autograd refuses to save
     # an inference tensor, and a later training call gets this same one.
     with torch.inference_mode(False):
-        return torch.full((steps,), batch, dtype=torch.int64)
+        return torch.full((steps,), batch, dtype=torch.int64, device="cpu")
 
 
 def _uniform_batch_sizes(steps, batch):
-    """batch_sizes of a padded (T, B) batch: [B] * T. Kept per (T, B) (the ops only read it and
-    it never reaches the caller) rather than made per call; fresh while compiling, so no cached
-    tensor becomes a graph constant."""
-    if torch.compiler.is_compiling():
-        return torch.full((steps,), batch, dtype=torch.int64)
+    """batch_sizes of a padded (T, B) batch: [B] * T. Kept per (T, B) in plain eager calls (the
+    ops only read it and it never reaches the caller) rather than made per call. Made afresh
+    while compiling or tracing (no cached tensor becomes a graph constant) and under any
+    dispatch or function mode (a FakeTensorMode would make, and the cache keep, a fake one)."""
+    if torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None or \
+            torch._C._len_torch_dispatch_stack() > 0 or torch._C._is_torch_function_mode_enabled():
+        return torch.full((steps,), batch, dtype=torch.int64, device="cpu")
     return _cached_batch_sizes(steps, batch)
 
 
