@@ -469,20 +469,22 @@ def test_forward_without_autograd(mode, lstm_utils):
         lstm_utils.close(a, b, dtype)
 
 
-@pytest.mark.parametrize("cell", ["LSTM", "GRU"])
-def test_training_after_inference_mode_at_the_same_shape(cell):
-    """A padded batch's batch_sizes tensor is kept per (T, B) across calls: the one made under
-    inference_mode must still serve a later training call (autograd refuses to save an inference
-    tensor for backward)."""
-    shape = (7, 3, 5)  # (T, B, I): a shape no other test uses, so the first call here makes it
-    ours = getattr(timerec_fast, cell)(shape[2], 4)
-    ref = getattr(torch.nn, cell)(shape[2], 4)
+@pytest.mark.parametrize("cell, shape", [("LSTM", (7, 3, 5)), ("GRU", (7, 3, 5)),
+                                         ("LSTMCell", (9, 5)), ("GRUCell", (9, 5))])
+def test_training_after_inference_mode_at_the_same_shape(cell, shape):
+    """A padded batch's batch_sizes tensor is kept per (T, B) across calls (a cell's per (1, B)):
+    the one made under inference_mode must still serve a later training call (autograd refuses
+    to save an inference tensor for backward). The shapes are ones no other test uses, so the
+    first call here makes it."""
+    ours = getattr(timerec_fast, cell)(shape[-1], 4)
+    ref = getattr(torch.nn, cell)(shape[-1], 4)
     ref.load_state_dict(ours.state_dict())
     x = torch.randn(shape)
     with torch.inference_mode():
         ours(x)
     for m in (ours, ref):
-        m(x)[0].sum().backward()
+        result = m(x)
+        (result[0] if isinstance(result, tuple) else result).sum().backward()
     for (name, p), q in zip(ours.named_parameters(), ref.parameters()):
         torch.testing.assert_close(p.grad, q.grad, msg=name)
 

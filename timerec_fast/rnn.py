@@ -330,7 +330,7 @@ def _cell_inputs(name, input, hx, hidden_size, num_states):
         if s.dtype != input.dtype or s.device != input.device:
             raise RuntimeError(f"{name}: {label} must be {input.dtype} on {input.device} like the "
                                f"input, got {s.dtype} on {s.device}")
-    return input, states, is_batched, torch.full((1,), batch, dtype=torch.int64)
+    return input, states, is_batched, _uniform_batch_sizes(1, batch)
 
 
 def _cell_step(layer_fn, input, states, batch_sizes, *weights):
