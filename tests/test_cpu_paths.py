@@ -69,6 +69,40 @@ def test_batch_split_packed(threads, cls, ref_cls, batch):
         torch.testing.assert_close(a, b, **TOL[torch.float64])
 
 
+
+@pytest.mark.parametrize("proj", [0, 16])
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("input_grad", [True, False])
+def test_lstm_streamed_backward_over_several_chunks(threads, proj, packed, input_grad):
+    # Two row blocks and a small dW: the LSTM backward makes dx and [dW_ih, dW_hh] inside the BPTT
+    # loop, one GEMM per chunk of rows (csrc/cpu/lstm_cpu.cpp, StreamedGrads). About 20 rows a
+    # block per step over 30 steps fill its 512 KB chunk buffer (234-341 fp64 rows of
+    # 4H + I + P here) two to three times, so full chunks and a partial last one are summed,
+    # the first layer's and the second's (I = 2P). Without an input gradient
+    # (the first layer of a model whose input needs none) the per-step dx is skipped.
+    threads(2)
+    dtype = torch.float64
+    ours, ref = _pair(timerec_fast.LSTM, torch.nn.LSTM, dtype, input_size=16, hidden_size=40,
+                      num_layers=2, bidirectional=True, proj_size=proj)
+    if packed:
+        lengths = torch.randint(1, 31, (40,))
+        lengths[0] = 30
+        seqs = [torch.randn(int(n), 16, dtype=dtype) for n in lengths]
+        x = pack_sequence(seqs, enforce_sorted=False)
+        leaf = x.data
+    else:
+        x = leaf = torch.randn(30, 40, 16, dtype=dtype)
+    leaf.requires_grad_(input_grad)
+    outs = [m(x) for m in (ours, ref)]
+    ys = [o[0].data if packed else o[0] for o in outs]
+    torch.testing.assert_close(ys[0], ys[1], **TOL[dtype])
+    w = torch.randn_like(ys[1])
+    wrt = ([leaf] if input_grad else [])
+    grads = [torch.autograd.grad((y * w).sum() + o[1][1].sum(), wrt + list(m.parameters()))
+             for y, o, m in zip(ys, outs, (ours, ref))]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, **TOL[dtype])
+
 # ---- the fused panel kernels (csrc/cpu/gate_panels.h) -------------------------------------------
 # Each case steers the LSTM (and GRU) forward to one path: the input projection inside the per-step tiles
 # (>= 16 rows per step on average), split by batch rows or by hidden units (W_hh too big to share
@@ -248,7 +282,8 @@ def test_recurrent_product_on_stored_weight(threads, dtype, hidden, batch, cell)
 # [W_ih; W_hh] (every gate from x, the h gates from h as well; AVX-512 or, when asked, AVX2),
 # split over threads by rows or, for panels past half a core's L2, by unit chunks. Fewer rows:
 # one input GEMM, then per-step products on panels (more than 8 rows) or the small-GEMM kernel,
-# and a pointwise pass. The backward always takes the second kind. TIMEREC_CPU_GEMM=blas takes
+# and a pointwise pass. The backward always takes the second kind, and with the batch split over
+# threads and a small dW makes dx and dW inside its loop (as the LSTM's). TIMEREC_CPU_GEMM=blas takes
 # BLAS and the pointwise pass everywhere. Checked against the step-by-step reference of
 # tests/reference_cells.py on packed unsorted input, delta_t included.
 TIME_CASES = {
@@ -379,3 +414,30 @@ def test_time_lstm_fused_options(threads, variant, cfg):
             assert a is None or not a.abs().any()
         else:
             torch.testing.assert_close(a, b, **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("input_grad", [True, False])
+@pytest.mark.parametrize("variant", ["time_lstm1", "time_lstm2", "time_lstm3"])
+def test_time_lstm_streamed_backward_over_several_chunks(threads, variant, input_grad):
+    # As test_lstm_streamed_backward_over_several_chunks: two row blocks of about 20 rows a step
+    # over 30 steps fill each block's chunk buffer (512 KB: 182-256 fp64 rows of G + I + H here)
+    # two to three times; dW_ih and dW_hh (the h gates' columns) are summed over the chunks.
+    threads(2)
+    dtype = torch.float64
+    torch.manual_seed(0)
+    m = timerec_fast.TimeLSTM(16, 40, num_layers=2, variant=variant, bidirectional=True,
+                              dtype=dtype)
+    lengths = torch.randint(1, 31, (40,))
+    lengths[0] = 30
+    seqs = [torch.randn(int(n), 16, dtype=dtype) for n in lengths]
+    dts = [torch.rand(int(n), dtype=dtype) * 3 for n in lengths]
+    x = pack_sequence(seqs, enforce_sorted=False)
+    dt = pack_sequence(dts, enforce_sorted=False)
+    x.data.requires_grad_(input_grad)
+    got, want = m(x, dt), reference_cells.reference_time_lstm(m, x, dt)
+    torch.testing.assert_close(got[0].data, want[0].data, **TOL[dtype])
+    wrt = ([x.data] if input_grad else []) + list(m.parameters())
+    grads = [torch.autograd.grad(o[0].data.square().sum() + o[1][1].sum(), wrt)
+             for o in (got, want)]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, **TOL[dtype])

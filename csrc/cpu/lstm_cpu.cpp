@@ -44,7 +44,8 @@ template <typename T>
 TRF_ALWAYS_INLINE void lstm_backward_rows_impl(int64_t r0, int64_t r1, int64_t H, const T* gates,
                                                const T* cells, PrevRows<T> c_prev,
                                                const T* dh_a, int64_t ld_a, const T* dh_b,
-                                               int64_t ld_b, T* dc_state, T* dgates) {
+                                               int64_t ld_b, T* dc_state, T* dgates,
+                                               int64_t dg_row0) {
   for (int64_t b = r0; b < r1; ++b) {
     const T* g = gates + b * 4 * H;
     const T* cl = cells + b * H;
@@ -52,7 +53,7 @@ TRF_ALWAYS_INLINE void lstm_backward_rows_impl(int64_t r0, int64_t r1, int64_t H
     const T* da = dh_a + b * ld_a;
     const T* db = dh_b != nullptr ? dh_b + b * ld_b : nullptr;
     T* dc = dc_state + b * H;
-    T* dg = dgates + b * 4 * H;
+    T* dg = dgates + (b - dg_row0) * 4 * H;
 #pragma GCC ivdep
     for (int64_t j = 0; j < H; ++j) {
       const T dh = db != nullptr ? da[j] + db[j] : da[j];
@@ -76,9 +77,9 @@ TRF_ALWAYS_INLINE void lstm_backward_rows_impl(int64_t r0, int64_t r1, int64_t H
   TRF_CPU_CLONES void lstm_backward_rows(int64_t r0, int64_t r1, int64_t H, const T* gates,      \
                                          const T* cells, PrevRows<T> c_prev, const T* dh_a,      \
                                          int64_t ld_a, const T* dh_b, int64_t ld_b,              \
-                                         T* dc_state, T* dgates) {                               \
+                                         T* dc_state, T* dgates, int64_t dg_row0) {              \
     lstm_backward_rows_impl<T>(r0, r1, H, gates, cells, c_prev, dh_a, ld_a, dh_b, ld_b,          \
-                               dc_state, dgates);                                                \
+                               dc_state, dgates, dg_row0);                                       \
   }
 TRF_DEFINE_LSTM_ROWS(float)
 TRF_DEFINE_LSTM_ROWS(double)
@@ -162,21 +163,45 @@ bool use_unit_split(const Schedule& s, int64_t H, bool proj, int threads) {
   return true;
 }
 
+// The input and weight gradients made inside the BPTT loop (cpu_kernels.h, stream_weight_grads):
+// dx_t = dG_t W_ih per step on panels, like dh; [dW_ih, dW_hh] += dG^T [x, h_prev] per chunk.
+template <typename T>
+struct StreamedGrads {
+  const RecurrentWeight<T>* w_ih;  // null: no input gradient
+  T* grad_input;                   // (N, I)
+  int64_t rows_cap;                // rows each chunk buffer holds (at least a block's rows)
+  T* dg_chunk;                     // this block's (rows_cap, 4H)
+  T* xh_chunk;                     // this block's (rows_cap, I + P)
+  T* grad_w;                       // this block's (4H, I + P), accumulated
+};
+
+// Without `stream` each step's dGates and [x, h_prev] rows go to the (N, ...) matrices dgates and
+// gather.dst for GEMMs after the loop.
 template <typename T>
 void lstm_backward_block(const Schedule& s, RowBlock blk, int64_t H, int64_t P,
                          const RecurrentWeight<T>& w_hh, const T* w_hr, const T* gates,
                          const T* cells, const T* c0,
                          const T* grad_out, T* dh_state, T* dc_state, T* dgates, T* dy, T* dhpre,
-                         const PrevStateGather<T>& gather, T* db) {
-  const int64_t G = 4 * H;
+                         const PrevStateGather<T>& gather, T* db, const StreamedGrads<T>* stream) {
+  const int64_t G = 4 * H, I = gather.I, W = I + P;
+  int64_t filled = 0;  // rows in the chunk buffers
+  const auto flush = [&] {
+    if (filled > 0)
+      gemm<T>(/*trans_a=*/true, /*trans_b=*/false, G, W, filled, T(1), stream->dg_chunk, G,
+              stream->xh_chunk, W, T(1), stream->grad_w, W);
+    filled = 0;
+  };
   for (int64_t k = s.steps - 1; k >= 0; --k) {
     const int64_t t = s.time_at(k);
     const int64_t n = blk.rows_at(s, t);
     if (n == 0) continue;
     const int64_t base = s.offsets[t];  // the row kernels index rows of the whole step
+    if (stream != nullptr && filled + n > stream->rows_cap) flush();
+    // Where this block's dGates rows of the step go: dg_out holds row dg_row0 first.
+    T* dg_out = stream != nullptr ? stream->dg_chunk + filled * G : dgates + base * G;
+    const int64_t dg_row0 = stream != nullptr ? blk.lo : 0;
     const auto c_prev = prev_rows(s, k, cells, c0, H);
     const T* gy = grad_out + base * P;
-    T* dg = dgates + base * G;
     if (w_hr != nullptr) {
       // dy = dL/dh_t (output + recurrence); the cell sees dy W_hr.
       T* dyt = dy + (base + blk.lo) * P;
@@ -186,20 +211,30 @@ void lstm_backward_block(const Schedule& s, RowBlock blk, int64_t H, int64_t P,
       recurrent_gemm<T>(n, P, H, dyt, P, w_hr, dhpre + blk.lo * H, H, /*accumulate=*/false);
       for_rows(n, G, [&](int64_t r0, int64_t r1) {
         lstm_backward_rows(blk.lo + r0, blk.lo + r1, H, gates + base * G, cells + base * H,
-                           c_prev, dhpre, H, static_cast<const T*>(nullptr), 0, dc_state, dg);
+                           c_prev, dhpre, H, static_cast<const T*>(nullptr), 0, dc_state, dg_out,
+                           dg_row0);
       });
     } else {
       for_rows(n, G, [&](int64_t r0, int64_t r1) {
         lstm_backward_rows(blk.lo + r0, blk.lo + r1, H, gates + base * G, cells + base * H,
-                           c_prev, dh_state, P, gy, P, dc_state, dg);
+                           c_prev, dh_state, P, gy, P, dc_state, dg_out, dg_row0);
       });
     }
+    const T* dg = dg_out + (blk.lo - dg_row0) * G;  // the block's rows
     // dh_{t-1} = dGates_t W_hh
-    recurrent_gemm<T>(n, G, P, dg + blk.lo * G, G, w_hh, dh_state + blk.lo * P, P,
-                      /*accumulate=*/false);
-    gather.rows(s, k, t, blk.lo, n);
-    add_column_sums(static_cast<const T*>(dg), G, blk.lo, n, db);
+    recurrent_gemm<T>(n, G, P, dg, G, w_hh, dh_state + blk.lo * P, P, /*accumulate=*/false);
+    if (stream != nullptr) {
+      if (stream->w_ih != nullptr)
+        recurrent_gemm<T>(n, G, I, dg, G, *stream->w_ih, stream->grad_input + (base + blk.lo) * I,
+                          I, /*accumulate=*/false);
+      gather.rows_to(s, k, t, blk.lo, n, stream->xh_chunk + filled * W);
+      filled += n;
+    } else {
+      gather.rows(s, k, t, blk.lo, n);
+    }
+    add_column_sums(dg, G, 0, n, db);
   }
+  if (stream != nullptr) flush();
 }
 
 // ---- fused forward (gate_panels.h) ----------------------------------------------------------
@@ -532,52 +567,80 @@ lstm_backward_cpu(const c10::optional<at::Tensor>& grad_output,
   at::Tensor gy = cpu_grad_or_zeros(grad_output, {d.N, d.P}, input);
   at::Tensor dh_state = grad_or_zeros(grad_h_n, {d.B, d.P}, input).clone(at::MemoryFormat::Contiguous);
   at::Tensor dc_state = grad_or_zeros(grad_c_n, {d.B, d.H}, input).clone(at::MemoryFormat::Contiguous);
-  at::Tensor dgates = workspace_empty({d.N, G}, opts);
   at::Tensor dy = d.proj ? workspace_empty({d.N, d.P}, opts) : at::Tensor();
   at::Tensor dhpre = d.proj ? at::empty({d.B, d.H}, opts) : at::Tensor();
   at::Tensor gates_c = gates.contiguous(), cells_c = cells.contiguous(), c0_c = c0.contiguous();
   at::Tensor w_hh_c = w_hh.contiguous();
   at::Tensor w_hr_c = d.proj ? w_hr->contiguous() : at::Tensor();
-  // [x, h_prev] side by side: dW_ih and dW_hh come out of one GEMM, so MKL packs dGates^T once
-  // (its packing copies were 8.8% of a training step at (256, 50, 64, 64)). In one process
-  // alternating with two GEMMs, training step, median of 20-30 pairs: 1.01-1.06x at
-  // (256, 50, 64, 64), 1.00x at 128, 1.02-1.05x at (64, 200, 128, 256). Each row block fills its
-  // rows of it, and sums its rows of dGates for the bias gradient, in the BPTT loop.
-  const int64_t I = d.I;
-  at::Tensor xh = workspace_empty({d.N, I + d.P}, opts);
+  const int64_t I = d.I, W = I + d.P;
   at::Tensor x_c = input.contiguous(), out_c = output.contiguous(), h0_c = h0.contiguous();
   const auto blocks = split_batch(s, kMinRowsPerBlock);
-  at::Tensor db_blocks = at::zeros({static_cast<int64_t>(blocks.size()), G}, opts);
+  const int64_t nb = static_cast<int64_t>(blocks.size());
+  at::Tensor db_blocks = at::zeros({nb, G}, opts);
+  const int64_t elem = static_cast<int64_t>(input.element_size());
+  const bool stream = stream_weight_grads(blocks, G * W * elem);
+  const int64_t rows_cap = stream_chunk_rows(blocks, (G + W) * elem);
+  // dW as [dW_ih, dW_hh] side by side: one GEMM over [x, h_prev] packs dGates^T once (its
+  // packing copies were 8.8% of a training step at (256, 50, 64, 64); against two GEMMs, training
+  // step 1.01-1.06x at (256, 50, 64, 64), 1.00x at 128, 1.02-1.05x at (64, 200, 128, 256)).
+  // Each row block fills its rows of [x, h_prev] (all of them, or a chunk's) and sums its rows of
+  // dGates for the bias gradient in the BPTT loop.
+  at::Tensor dgates = stream ? at::Tensor() : workspace_empty({d.N, G}, opts);
+  at::Tensor xh = stream ? workspace_empty({nb, rows_cap, W}, opts) : workspace_empty({d.N, W}, opts);
+  at::Tensor dg_chunks = stream ? workspace_empty({nb, rows_cap, G}, opts) : at::Tensor();
+  at::Tensor grad_w_blocks = stream ? at::zeros({nb, G, W}, opts) : at::Tensor();
+  at::Tensor grad_input = stream && input_grad ? at::empty({d.N, I}, opts) : at::Tensor();
 
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "timerec_fast_lstm_backward", [&] {
-    // dh_{t-1} = dG_t W_hh on W_hh packed once (gate_panels.h), not re-read by BLAS every step.
-    const auto w_hh_r = RecurrentWeight<scalar_t>::prepare(w_hh_c, per_step_panel_isa(s));
+    // dh_{t-1} = dG_t W_hh (and dx_t = dG_t W_ih) on weights packed once (gate_panels.h), not
+    // re-read by BLAS every step.
+    const PanelIsa isa = per_step_panel_isa(s);
+    const auto w_hh_r = RecurrentWeight<scalar_t>::prepare(w_hh_c, isa);
+    const auto w_ih_r = stream && input_grad ? RecurrentWeight<scalar_t>::prepare(w_ih, isa)
+                                             : RecurrentWeight<scalar_t>();
     const PrevStateGather<scalar_t> gather{x_c.data_ptr<scalar_t>(), I,
                                            out_c.data_ptr<scalar_t>(),
                                            h0_c.data_ptr<scalar_t>(), d.P,
                                            xh.data_ptr<scalar_t>()};
     scalar_t* db = db_blocks.data_ptr<scalar_t>();
     for_blocks_indexed(blocks, [&](const RowBlock& blk, int64_t index) {
+      StreamedGrads<scalar_t> st{};
+      if (stream)
+        st = {input_grad ? &w_ih_r : nullptr,
+              input_grad ? grad_input.data_ptr<scalar_t>() : nullptr,
+              rows_cap,
+              dg_chunks.data_ptr<scalar_t>() + index * rows_cap * G,
+              xh.data_ptr<scalar_t>() + index * rows_cap * W,
+              grad_w_blocks.data_ptr<scalar_t>() + index * G * W};
       lstm_backward_block<scalar_t>(
           s, blk, d.H, d.P, w_hh_r,
           d.proj ? w_hr_c.data_ptr<scalar_t>() : nullptr, gates_c.data_ptr<scalar_t>(),
           cells_c.data_ptr<scalar_t>(), c0_c.data_ptr<scalar_t>(), gy.data_ptr<scalar_t>(),
           dh_state.data_ptr<scalar_t>(), dc_state.data_ptr<scalar_t>(),
-          dgates.data_ptr<scalar_t>(), d.proj ? dy.data_ptr<scalar_t>() : nullptr,
-          d.proj ? dhpre.data_ptr<scalar_t>() : nullptr, gather, db + index * G);
+          stream ? nullptr : dgates.data_ptr<scalar_t>(),
+          d.proj ? dy.data_ptr<scalar_t>() : nullptr,
+          d.proj ? dhpre.data_ptr<scalar_t>() : nullptr, gather, db + index * G,
+          stream ? &st : nullptr);
     });
   });
 
-  // Input and weight gradients: one large GEMM each over all steps (dx; [dW_ih, dW_hh]).
-  at::Tensor grad_input = input_grad ? at::mm(dgates, w_ih) : at::empty({0}, opts);
   at::Tensor grad_w_ih, grad_w_hh;
-  if (d.N >= kOneWeightGemmRows) {
-    const at::Tensor grad_w = at::mm(dgates.t(), xh);  // (4H, I + P)
+  if (stream) {
+    const at::Tensor grad_w = grad_w_blocks.sum(0);  // (4H, I + P)
     grad_w_ih = grad_w.narrow(1, 0, I).contiguous();
     grad_w_hh = grad_w.narrow(1, I, d.P).contiguous();
-  } else {  // the two copies out of grad_w would cost more than the products
-    grad_w_ih = at::mm(dgates.t(), xh.narrow(1, 0, I));
-    grad_w_hh = at::mm(dgates.t(), xh.narrow(1, I, d.P));
+    if (!input_grad) grad_input = at::empty({0}, opts);
+  } else {
+    // Input and weight gradients: one large GEMM each over all steps (dx; [dW_ih, dW_hh]).
+    grad_input = input_grad ? at::mm(dgates, w_ih) : at::empty({0}, opts);
+    if (d.N >= kOneWeightGemmRows) {
+      const at::Tensor grad_w = at::mm(dgates.t(), xh);  // (4H, I + P)
+      grad_w_ih = grad_w.narrow(1, 0, I).contiguous();
+      grad_w_hh = grad_w.narrow(1, I, d.P).contiguous();
+    } else {  // the two copies out of grad_w would cost more than the products
+      grad_w_ih = at::mm(dgates.t(), xh.narrow(1, 0, I));
+      grad_w_hh = at::mm(dgates.t(), xh.narrow(1, I, d.P));
+    }
   }
   at::Tensor grad_bias = db_blocks.sum(0);
   at::Tensor grad_w_hr = d.proj ? at::mm(dy.t(), hpre) : at::empty({0}, opts);

@@ -92,6 +92,22 @@ struct TimeLstmGradAcc {
   T* scratch;  // (H)
   T* bias_sums;                        // (G): column sums of the block's dgates
   const PrevStateGather<T>* h_gather;  // fills the block's h_prev rows (for dW_hh)
+  int64_t dg_row0;                     // dgates holds the dGates row of row dg_row0 first
+};
+
+// The input and weight gradients made inside the BPTT loop (cpu_kernels.h, stream_weight_grads):
+// dx_t = dG_t W_ih per step on panels, like dh; per chunk, dW_ih += dG^T x and
+// dW_hh += dG_h^T h_prev (the h gates' columns only).
+template <typename T>
+struct TimeLstmStreamedGrads {
+  const RecurrentWeight<T>* w_ih;  // null: no input gradient
+  T* grad_input;                   // (N, I)
+  const PrevStateGather<T>* xh_gather;  // [x, h_prev] rows
+  int64_t rows_cap;                // rows each chunk buffer holds (at least a block's rows)
+  T* dg_chunk;                     // this block's (rows_cap, G)
+  T* xh_chunk;                     // this block's (rows_cap, I + H)
+  T* grad_w_ih;                    // this block's (G, I), accumulated
+  T* grad_w_hh;                    // this block's (Gh, H), accumulated
 };
 
 // Absolute rows. dh = dh_state + grad_out; writes dgates (pre-activation gradients), dc_state,
@@ -118,7 +134,7 @@ TRF_ALWAYS_INLINE void time_lstm_backward_rows_v(TimeLstmLayout L, int64_t r0, i
   for (int64_t b = r0; b < r1; ++b) {
     const GateRows<T> g(L, const_cast<T*>(gates) + b * G, H, scratch);
     T dscratch[1];
-    const GateRows<T> dg(L, dgates + b * G, H, dscratch);
+    const GateRows<T> dg(L, dgates + (b - acc.dg_row0) * G, H, dscratch);
     const T* __restrict cp = c_prev.row(b);
     const T* __restrict ctb = (cts != nullptr ? cts : cells) + b * H;
     const T* __restrict dhs = dh_state + b * H;
@@ -322,30 +338,56 @@ void time_lstm_forward_block(int variant, TimeLstmLayout L, const Schedule& s, R
   }
 }
 
-// The row loop stays on this block's thread (no for_rows): it accumulates into acc.
+// The row loop stays on this block's thread (no for_rows): it accumulates into acc. Without
+// `stream` each step's dGates and h_prev rows go to the (N, ...) matrices dgates and
+// acc.h_gather->dst for GEMMs after the loop.
 template <typename T>
 void time_lstm_backward_block(int variant, TimeLstmLayout L, const Schedule& s, RowBlock blk,
                               int64_t H, const RecurrentWeight<T>& w_hh, const T* peep,
                               const T* time_w,
                               const T* gates, const T* cells, const T* cts, const T* c0,
                               const T* grad_out, const T* dt, T* dh_state, T* dc_state, T* dgates,
-                              T* grad_dt, TimeLstmGradAcc<T> acc) {
+                              T* grad_dt, TimeLstmGradAcc<T> acc,
+                              const TimeLstmStreamedGrads<T>* stream) {
   const int64_t G = L.gates * H, Gh = L.h_gates * H;
+  const int64_t I = stream != nullptr ? stream->xh_gather->I : 0, W = I + H;
+  int64_t filled = 0;  // rows in the chunk buffers
+  const auto flush = [&] {
+    if (filled == 0) return;
+    gemm<T>(/*trans_a=*/true, /*trans_b=*/false, G, I, filled, T(1), stream->dg_chunk, G,
+            stream->xh_chunk, W, T(1), stream->grad_w_ih, I);
+    gemm<T>(/*trans_a=*/true, /*trans_b=*/false, Gh, H, filled, T(1), stream->dg_chunk, G,
+            stream->xh_chunk + I, W, T(1), stream->grad_w_hh, H);
+    filled = 0;
+  };
   for (int64_t k = s.steps - 1; k >= 0; --k) {
     const int64_t t = s.time_at(k);
     const int64_t n = blk.rows_at(s, t);
     if (n == 0) continue;
     const int64_t base = s.offsets[t];
+    if (stream != nullptr && filled + n > stream->rows_cap) flush();
+    // Where this block's dGates rows of the step go (row acc.dg_row0 first).
+    T* dg_out = stream != nullptr ? stream->dg_chunk + filled * G : dgates + base * G;
+    acc.dg_row0 = stream != nullptr ? blk.lo : 0;
     const auto c_prev = prev_rows(s, k, cells, c0, H);
     time_lstm_backward_rows(variant, L, blk.lo, blk.lo + n, H, gates + base * G, cells + base * H,
                             cts != nullptr ? cts + base * H : nullptr, c_prev, peep, time_w,
-                            grad_out + base * H, dh_state, dt + base, dc_state, dgates + base * G,
+                            grad_out + base * H, dh_state, dt + base, dc_state, dg_out,
                             grad_dt + base, acc);
-    recurrent_gemm<T>(n, Gh, H, dgates + (base + blk.lo) * G, G, w_hh, dh_state + blk.lo * H, H,
-                      /*accumulate=*/false);
-    acc.h_gather->rows(s, k, t, blk.lo, n);
-    add_column_sums(static_cast<const T*>(dgates + base * G), G, blk.lo, n, acc.bias_sums);
+    const T* dg = dg_out + (blk.lo - acc.dg_row0) * G;  // the block's rows
+    recurrent_gemm<T>(n, Gh, H, dg, G, w_hh, dh_state + blk.lo * H, H, /*accumulate=*/false);
+    if (stream != nullptr) {
+      if (stream->w_ih != nullptr)
+        recurrent_gemm<T>(n, G, I, dg, G, *stream->w_ih, stream->grad_input + (base + blk.lo) * I,
+                          I, /*accumulate=*/false);
+      stream->xh_gather->rows_to(s, k, t, blk.lo, n, stream->xh_chunk + filled * W);
+      filled += n;
+    } else {
+      acc.h_gather->rows(s, k, t, blk.lo, n);
+    }
+    add_column_sums(dg, G, 0, n, acc.bias_sums);
   }
+  if (stream != nullptr) flush();
 }
 
 template <typename T>
@@ -726,9 +768,7 @@ time_lstm_backward_cpu(const c10::optional<at::Tensor>& grad_output,
   at::Tensor gy = cpu_grad_or_zeros(grad_output, {d.N, H}, input);
   at::Tensor dh_state = grad_or_zeros(grad_h_n, {d.B, H}, input).clone(at::MemoryFormat::Contiguous);
   at::Tensor dc_state = grad_or_zeros(grad_c_n, {d.B, H}, input).clone(at::MemoryFormat::Contiguous);
-  at::Tensor dgates = workspace_empty({d.N, G}, opts);
   at::Tensor grad_dt = at::empty({d.N}, opts);
-  at::Tensor h_prev = workspace_empty({d.N, H}, opts);
   at::Tensor gates_c = gates.contiguous(), cells_c = cells.contiguous();
   at::Tensor cts_c = variant == kTimeLstm1 ? cells_c : cts.contiguous();
   at::Tensor c0_c = c0.contiguous(), h0_c = h0.contiguous(), out_c = output.contiguous();
@@ -738,29 +778,65 @@ time_lstm_backward_cpu(const c10::optional<at::Tensor>& grad_output,
   const int64_t nb = static_cast<int64_t>(blocks.size());
   at::Tensor sums = at::zeros({nb, 6, H}, opts), scratch = at::empty({nb, H}, opts);
   at::Tensor bias_sums = at::zeros({nb, G}, opts);
+  const int64_t I = input.size(1), W = I + H, elem = static_cast<int64_t>(input.element_size());
+  const bool stream = stream_weight_grads(blocks, (G * I + Gh * H) * elem);
+  const int64_t rows_cap = stream_chunk_rows(blocks, (G + W) * elem);
+  at::Tensor dgates = stream ? at::Tensor() : workspace_empty({d.N, G}, opts);
+  at::Tensor h_prev = stream ? at::Tensor() : workspace_empty({d.N, H}, opts);
+  at::Tensor xh_chunks = stream ? workspace_empty({nb, rows_cap, W}, opts) : at::Tensor();
+  at::Tensor dg_chunks = stream ? workspace_empty({nb, rows_cap, G}, opts) : at::Tensor();
+  at::Tensor grad_w_ih_blocks = stream ? at::zeros({nb, G, I}, opts) : at::Tensor();
+  at::Tensor grad_w_hh_blocks = stream ? at::zeros({nb, Gh, H}, opts) : at::Tensor();
+  at::Tensor grad_input = stream && input_grad ? at::empty({d.N, I}, opts) : at::Tensor();
+  at::Tensor x_c = stream ? input.contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "timerec_fast_time_lstm_backward", [&] {
-    const auto w_hh_r = RecurrentWeight<scalar_t>::prepare(w_hh_c, per_step_panel_isa(s));
+    const PanelIsa isa = per_step_panel_isa(s);
+    const auto w_hh_r = RecurrentWeight<scalar_t>::prepare(w_hh_c, isa);
+    const auto w_ih_r = stream && input_grad ? RecurrentWeight<scalar_t>::prepare(w_ih, isa)
+                                             : RecurrentWeight<scalar_t>();
     const PrevStateGather<scalar_t> h_gather{nullptr, 0, out_c.data_ptr<scalar_t>(),
                                              h0_c.data_ptr<scalar_t>(), H,
-                                             h_prev.data_ptr<scalar_t>()};
+                                             stream ? nullptr : h_prev.data_ptr<scalar_t>()};
+    const PrevStateGather<scalar_t> xh_gather{stream ? x_c.data_ptr<scalar_t>() : nullptr, I,
+                                              out_c.data_ptr<scalar_t>(),
+                                              h0_c.data_ptr<scalar_t>(), H, nullptr};
     for_blocks_indexed(blocks, [&](const RowBlock& blk, int64_t i) {
+      TimeLstmStreamedGrads<scalar_t> st{};
+      if (stream)
+        st = {input_grad ? &w_ih_r : nullptr,
+              input_grad ? grad_input.data_ptr<scalar_t>() : nullptr,
+              &xh_gather,
+              rows_cap,
+              dg_chunks.data_ptr<scalar_t>() + i * rows_cap * G,
+              xh_chunks.data_ptr<scalar_t>() + i * rows_cap * W,
+              grad_w_ih_blocks.data_ptr<scalar_t>() + i * G * I,
+              grad_w_hh_blocks.data_ptr<scalar_t>() + i * Gh * H};
       time_lstm_backward_block<scalar_t>(
           static_cast<int>(variant), L, s, blk, H, w_hh_r,
           peep_c.data_ptr<scalar_t>(), time_w_c.data_ptr<scalar_t>(),
           gates_c.data_ptr<scalar_t>(), cells_c.data_ptr<scalar_t>(),
           variant == kTimeLstm1 ? nullptr : cts_c.data_ptr<scalar_t>(), c0_c.data_ptr<scalar_t>(),
           gy.data_ptr<scalar_t>(), dt.data_ptr<scalar_t>(), dh_state.data_ptr<scalar_t>(),
-          dc_state.data_ptr<scalar_t>(), dgates.data_ptr<scalar_t>(),
+          dc_state.data_ptr<scalar_t>(), stream ? nullptr : dgates.data_ptr<scalar_t>(),
           grad_dt.data_ptr<scalar_t>(),
           TimeLstmGradAcc<scalar_t>{sums.data_ptr<scalar_t>() + i * 6 * H,
                                     scratch.data_ptr<scalar_t>() + i * H,
-                                    bias_sums.data_ptr<scalar_t>() + i * G, &h_gather});
+                                    bias_sums.data_ptr<scalar_t>() + i * G, &h_gather, 0},
+          stream ? &st : nullptr);
     });
   });
   at::Tensor unit_grads = sums.sum(0);  // (6, H): p_i, p_f, p_o, w_t1, w_t2, w_o
-  at::Tensor grad_input = input_grad ? at::mm(dgates, w_ih) : at::empty({0}, opts);
-  return {grad_input, grad_dt, dh_state, dc_state, at::mm(dgates.t(), input),
-          at::mm(dgates.narrow(1, 0, Gh).t(), h_prev), bias_sums.sum(0),
+  at::Tensor grad_w_ih, grad_w_hh;
+  if (stream) {
+    grad_w_ih = grad_w_ih_blocks.sum(0);
+    grad_w_hh = grad_w_hh_blocks.sum(0);
+    if (!input_grad) grad_input = at::empty({0}, opts);
+  } else {
+    grad_input = input_grad ? at::mm(dgates, w_ih) : at::empty({0}, opts);
+    grad_w_ih = at::mm(dgates.t(), input);
+    grad_w_hh = at::mm(dgates.narrow(1, 0, Gh).t(), h_prev);
+  }
+  return {grad_input, grad_dt, dh_state, dc_state, grad_w_ih, grad_w_hh, bias_sums.sum(0),
           unit_grads.narrow(0, 0, 3).clone(), unit_grads.narrow(0, 3, 3).clone()};
 }
 
