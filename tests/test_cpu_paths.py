@@ -70,20 +70,24 @@ def test_batch_split_packed(threads, cls, ref_cls, batch):
 
 
 
-@pytest.mark.parametrize("proj", [0, 16])
+@pytest.mark.parametrize("cell", ["lstm", "lstm-proj", "gru"])
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("input_grad", [True, False])
-def test_lstm_streamed_backward_over_several_chunks(threads, proj, packed, input_grad):
-    # Two row blocks and a small dW: the LSTM backward makes dx and [dW_ih, dW_hh] inside the BPTT
-    # loop, one GEMM per chunk of rows (csrc/cpu/lstm_cpu.cpp, StreamedGrads). About 20 rows a
-    # block per step over 30 steps fill its 512 KB chunk buffer (234-341 fp64 rows of
-    # 4H + I + P here) two to three times, so full chunks and a partial last one are summed,
-    # the first layer's and the second's (I = 2P). Without an input gradient
-    # (the first layer of a model whose input needs none) the per-step dx is skipped.
+def test_streamed_backward_over_several_chunks(threads, cell, packed, input_grad):
+    # Two row blocks and a small dW: the LSTM and GRU backwards make dx and dW inside the BPTT
+    # loop, GEMMs per chunk of rows (csrc/cpu/streamed_grads.h). About 20 rows a block per step
+    # over 30 steps fill its 512 KB chunk buffer (182-341 fp64 rows here) two to four times, so
+    # full chunks and a partial last one are summed, the first layer's and the second's
+    # (I = 2H or 2P). Without an input gradient (the first layer of a model whose input needs
+    # none) the per-step dx is skipped.
     threads(2)
     dtype = torch.float64
-    ours, ref = _pair(timerec_fast.LSTM, torch.nn.LSTM, dtype, input_size=16, hidden_size=40,
-                      num_layers=2, bidirectional=True, proj_size=proj)
+    kw = dict(input_size=16, hidden_size=40, num_layers=2, bidirectional=True)
+    if cell == "gru":
+        ours, ref = _pair(timerec_fast.GRU, torch.nn.GRU, dtype, **kw)
+    else:
+        ours, ref = _pair(timerec_fast.LSTM, torch.nn.LSTM, dtype,
+                          proj_size=16 if cell == "lstm-proj" else 0, **kw)
     if packed:
         lengths = torch.randint(1, 31, (40,))
         lengths[0] = 30
@@ -98,10 +102,13 @@ def test_lstm_streamed_backward_over_several_chunks(threads, proj, packed, input
     torch.testing.assert_close(ys[0], ys[1], **TOL[dtype])
     w = torch.randn_like(ys[1])
     wrt = ([leaf] if input_grad else [])
-    grads = [torch.autograd.grad((y * w).sum() + o[1][1].sum(), wrt + list(m.parameters()))
-             for y, o, m in zip(ys, outs, (ours, ref))]
+    # The LSTM's c_n (o[1][1]) or the GRU's h_n (o[1]) feeds the loss too.
+    last = [o[1][1] if cell != "gru" else o[1] for o in outs]
+    grads = [torch.autograd.grad((y * w).sum() + c.sum(), wrt + list(m.parameters()))
+             for y, c, m in zip(ys, last, (ours, ref))]
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, **TOL[dtype])
+
 
 # ---- the fused panel kernels (csrc/cpu/gate_panels.h) -------------------------------------------
 # Each case steers the LSTM (and GRU) forward to one path: the input projection inside the per-step tiles
@@ -419,7 +426,7 @@ def test_time_lstm_fused_options(threads, variant, cfg):
 @pytest.mark.parametrize("input_grad", [True, False])
 @pytest.mark.parametrize("variant", ["time_lstm1", "time_lstm2", "time_lstm3"])
 def test_time_lstm_streamed_backward_over_several_chunks(threads, variant, input_grad):
-    # As test_lstm_streamed_backward_over_several_chunks: two row blocks of about 20 rows a step
+    # As test_streamed_backward_over_several_chunks: two row blocks of about 20 rows a step
     # over 30 steps fill each block's chunk buffer (512 KB: 182-256 fp64 rows of G + I + H here)
     # two to three times; dW_ih and dW_hh (the h gates' columns) are summed over the chunks.
     threads(2)

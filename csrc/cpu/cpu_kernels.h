@@ -89,30 +89,6 @@ void for_blocks(const std::vector<RowBlock>& blocks, const F& fn) {
   for_blocks_indexed(blocks, [&](const RowBlock& blk, int64_t) { fn(blk); });
 }
 
-// ---- weight gradients inside the BPTT loop ---------------------------------------------------
-// With the batch split over threads, a backward can make its input and weight gradients while each
-// step's dGates rows are still in cache: dx_t = dG_t W_ih per step, and dW += dG^T [x, h_prev] as
-// one GEMM per chunk of steps, from a block's own chunk buffers of kStreamChunkBytes. No (N, G)
-// dGates or (N, I + H) [x, h_prev] matrix goes to memory to be read back by GEMMs after the loop.
-// A quarter of this VM's 2 MB L2 per core; 256 KB and 1-2 MB measured no better.
-constexpr int64_t kStreamChunkBytes = int64_t{512} << 10;
-
-// Each chunk's GEMM also reads and writes the block's dW (dw_bytes): streaming pays while that is
-// at most half a chunk. Measured on the LSTM training step: H = I = 64 fp32 (128 KB) 3-12% faster
-// over several batch shapes; H = I = 128 (512 KB) no faster; (H, I) = (256, 128) slower (1.5 MB
-// of dW per 64 rows). One block (small batches) keeps the large GEMMs after the loop, where BLAS
-// can use every thread.
-inline bool stream_weight_grads(const std::vector<RowBlock>& blocks, int64_t dw_bytes) {
-  return blocks.size() > 1 && 2 * dw_bytes <= kStreamChunkBytes;
-}
-
-// Rows of each block's chunk buffers (row_bytes per row): at least one step of the largest block.
-inline int64_t stream_chunk_rows(const std::vector<RowBlock>& blocks, int64_t row_bytes) {
-  int64_t rows = kStreamChunkBytes / row_bytes;
-  for (const RowBlock& blk : blocks) rows = std::max(rows, blk.hi - blk.lo);
-  return rows;
-}
-
 // Pointer to the row holding the previous state of row b at processed step k: the row of the step
 // processed before k when the sequence continues, else the initial state.
 template <typename T>
@@ -165,23 +141,30 @@ struct PrevStateGather {
   }
 };
 
-// sums[j] += m[b][j] over rows [lo, lo + n) of a row-major matrix of `width` columns (one step's
-// rows of a block). The step's rows are summed apart first and then added, so no fp32 accumulation
-// chain is longer than max(rows a step, steps), not every row of the block in turn.
+// sums[j] += m[b][j] over rows [0, n) of `width` columns that lie `ld` apart (one step's rows of a
+// block; ld > width: a column range of a wider matrix). The step's rows are summed apart first
+// and then added, so no fp32 accumulation chain is longer than max(rows a step, steps), not every
+// row of the block in turn.
 template <typename T>
-void add_column_sums(const T* m, int64_t width, int64_t lo, int64_t n, T* sums) {
+void add_column_sums_strided(const T* m, int64_t ld, int64_t width, int64_t n, T* sums) {
   constexpr int64_t kCols = 256;
   T part[kCols];
   for (int64_t j0 = 0; j0 < width; j0 += kCols) {
     const int64_t w = std::min(kCols, width - j0);
     for (int64_t j = 0; j < w; ++j) part[j] = T(0);
-    for (int64_t b = lo; b < lo + n; ++b) {
-      const T* row = m + b * width + j0;
+    for (int64_t b = 0; b < n; ++b) {
+      const T* row = m + b * ld + j0;
 #pragma GCC ivdep
       for (int64_t j = 0; j < w; ++j) part[j] += row[j];
     }
     for (int64_t j = 0; j < w; ++j) sums[j0 + j] += part[j];
   }
+}
+
+// The same over rows [lo, lo + n) of a row-major matrix of `width` columns.
+template <typename T>
+void add_column_sums(const T* m, int64_t width, int64_t lo, int64_t n, T* sums) {
+  add_column_sums_strided(m + lo * width, width, width, n, sums);
 }
 
 // The gradient of a large output as a contiguous matrix, or zeros when it has none, in a

@@ -7,6 +7,7 @@
 #include "cpu_blas.h"
 #include "cpu_kernels.h"
 #include "gate_panels.h"
+#include "streamed_grads.h"
 #include "vec_activations.h"
 #include "workspace.h"
 
@@ -45,19 +46,24 @@ TRF_ALWAYS_INLINE void gru_forward_rows_impl(int64_t r0, int64_t r1, int64_t H, 
 // (B, 3H) buffer reused every step, the A operand of the dh GEMM), their n part dhn for dW_hh,
 // and dh_state = dh * z (the part that bypasses W_hh; the GEMM adds the rest). The r and z parts
 // of the hidden side equal the input side's, so only dhn is kept for all steps: N x H, not 3H.
+// dxg and dhg_step hold row `row0` first; dhn_rows may be null (the streamed backward reads dhn
+// from its dhg rows).
 template <typename T>
 TRF_ALWAYS_INLINE void gru_backward_rows_impl(int64_t r0, int64_t r1, int64_t H, const T* gates,
                                               const T* hn, PrevRows<T> h_prev, const T* gy,
-                                              T* dh_state, T* dxg, T* dhg_step, T* dhn_rows) {
+                                              T* dh_state, T* dxg, T* dhg_step, T* dhn_rows,
+                                              int64_t row0) {
+  T dhn_discard[1];
   for (int64_t b = r0; b < r1; ++b) {
     const T* g = gates + b * 3 * H;
     const T* hnb = hn + b * H;
     const T* hp = h_prev.row(b);
     const T* gyb = gy + b * H;
     T* dhs = dh_state + b * H;
-    T* dx = dxg + b * 3 * H;
-    T* dhh = dhg_step + b * 3 * H;
-    T* dhn_b = dhn_rows + b * H;
+    T* dx = dxg + (b - row0) * 3 * H;
+    T* dhh = dhg_step + (b - row0) * 3 * H;
+    const bool keep_dhn = dhn_rows != nullptr;
+    T* dhn_b = keep_dhn ? dhn_rows + b * H : dhn_discard;
 #pragma GCC ivdep
     for (int64_t j = 0; j < H; ++j) {
       T dr, dz, dn, dhn;
@@ -69,7 +75,7 @@ TRF_ALWAYS_INLINE void gru_backward_rows_impl(int64_t r0, int64_t r1, int64_t H,
       dhh[j] = dr;
       dhh[H + j] = dz;
       dhh[2 * H + j] = dhn;
-      dhn_b[j] = dhn;
+      if (keep_dhn) dhn_b[j] = dhn;
       dhs[j] = rest;
     }
   }
@@ -82,9 +88,10 @@ TRF_ALWAYS_INLINE void gru_backward_rows_impl(int64_t r0, int64_t r1, int64_t H,
   }                                                                                              \
   TRF_CPU_CLONES void gru_backward_rows(int64_t r0, int64_t r1, int64_t H, const T* gates,       \
                                         const T* hn, PrevRows<T> h_prev, const T* gy,            \
-                                        T* dh_state, T* dxg, T* dhg_step, T* dhn_rows) {         \
+                                        T* dh_state, T* dxg, T* dhg_step, T* dhn_rows,           \
+                                        int64_t row0) {                                          \
     gru_backward_rows_impl<T>(r0, r1, H, gates, hn, h_prev, gy, dh_state, dxg, dhg_step,        \
-                              dhn_rows);                                                         \
+                              dhn_rows, row0);                                                   \
   }
 TRF_DEFINE_GRU_ROWS(float)
 TRF_DEFINE_GRU_ROWS(double)
@@ -112,28 +119,45 @@ void gru_forward_block(const Schedule& s, RowBlock blk, int64_t H, const Recurre
   }
 }
 
+// With `chunks` (streamed_grads.h) the step's dxg rows and hidden-side rows [dr, dz, dn * r] go
+// to the block's chunk buffers, which also make dx and dW; without, dxg and dhn rows to the
+// (N, ...) matrices dxg and dhn, and the h_prev rows to gather.dst, for GEMMs after the loop.
 template <typename T>
 void gru_backward_block(const Schedule& s, RowBlock blk, int64_t H, const RecurrentWeight<T>& w_hh,
                         const T* gates, const T* hn, const T* out, const T* h0, const T* grad_out,
                         T* dh_state, T* dxg, T* dhg_step, T* dhn,
-                        const PrevStateGather<T>& gather, T* dxg_sums, T* dhn_sums) {
+                        const PrevStateGather<T>& gather, T* dxg_sums, T* dhn_sums,
+                        const PrevStateGather<T>& xh_gather, WeightGradChunks<T>* chunks) {
   const int64_t G = 3 * H;
   for (int64_t k = s.steps - 1; k >= 0; --k) {
     const int64_t t = s.time_at(k);
     const int64_t n = blk.rows_at(s, t);
     if (n == 0) continue;
     const int64_t base = s.offsets[t];
+    if (chunks != nullptr) chunks->make_room(n);
+    // Where this block's rows of the step go (row `row0` first).
+    T* dxg_out = chunks != nullptr ? chunks->dg_rows() : dxg + base * G;
+    T* dhg_out = chunks != nullptr ? chunks->dg_h_rows() : dhg_step;
+    const int64_t row0 = chunks != nullptr ? blk.lo : 0;
+    T* dhn_out = chunks != nullptr ? nullptr : dhn + base * H;
     const auto h_prev = prev_rows(s, k, out, h0, H);
     for_rows(n, G, [&](int64_t r0, int64_t r1) {
       gru_backward_rows(blk.lo + r0, blk.lo + r1, H, gates + base * G, hn + base * H, h_prev,
-                        grad_out + base * H, dh_state, dxg + base * G, dhg_step, dhn + base * H);
+                        grad_out + base * H, dh_state, dxg_out, dhg_out, dhn_out, row0);
     });
-    recurrent_gemm<T>(n, G, H, dhg_step + blk.lo * G, G, w_hh, dh_state + blk.lo * H, H,
-                      /*accumulate=*/true);
-    gather.rows(s, k, t, blk.lo, n);
-    add_column_sums(static_cast<const T*>(dxg + base * G), G, blk.lo, n, dxg_sums);
-    add_column_sums(static_cast<const T*>(dhn + base * H), H, blk.lo, n, dhn_sums);
+    const T* dx_rows = dxg_out + (blk.lo - row0) * G;  // the block's rows
+    const T* dh_rows = dhg_out + (blk.lo - row0) * G;
+    recurrent_gemm<T>(n, G, H, dh_rows, G, w_hh, dh_state + blk.lo * H, H, /*accumulate=*/true);
+    add_column_sums(dx_rows, G, 0, n, dxg_sums);
+    if (chunks != nullptr) {
+      add_column_sums_strided(dh_rows + 2 * H, G, H, n, dhn_sums);  // the dhn columns
+      chunks->step_done(s, xh_gather, k, t, blk.lo, n);
+    } else {
+      add_column_sums(static_cast<const T*>(dhn + base * H), H, blk.lo, n, dhn_sums);
+      gather.rows(s, k, t, blk.lo, n);
+    }
   }
+  if (chunks != nullptr) chunks->finish();
 }
 
 // ---- fused forward (gate_panels.h) ----------------------------------------------------------
@@ -483,43 +507,67 @@ gru_backward_cpu(const c10::optional<at::Tensor>& grad_output,
   auto opts = input.options();
   at::Tensor gy = cpu_grad_or_zeros(grad_output, {N, H}, input);
   at::Tensor dh_state = grad_or_zeros(grad_h_n, {B, H}, input).clone(at::MemoryFormat::Contiguous);
-  at::Tensor dxg = workspace_empty({N, 3 * H}, opts);
-  at::Tensor dhg_step = workspace_empty({B, 3 * H}, opts);  // each row block uses its own rows
-  at::Tensor dhn = workspace_empty({N, H}, opts);
-  at::Tensor h_prev = workspace_empty({N, H}, opts);
+  const int64_t G = 3 * H, I = input.size(1);
   at::Tensor gates_c = gates.contiguous(), hn_c = hn.contiguous(), out_c = output.contiguous();
   at::Tensor h0_c = h0.contiguous(), w_hh_c = w_hh.contiguous();
   const auto blocks = split_batch(s, kMinRowsPerBlock);
+  const int64_t nb = static_cast<int64_t>(blocks.size());
+  const bool stream = stream_weight_grads(blocks, G * (I + H) * input.element_size());
+  std::optional<StreamedGradBuffers> streamed;  // the hidden side's rows [dr, dz, dn * r] apart
+  if (stream)
+    streamed.emplace(blocks, G, G, I, H, /*one_matrix=*/false, /*hidden_side=*/true, input_grad, N,
+                     opts);
+  at::Tensor dxg = stream ? at::Tensor() : workspace_empty({N, G}, opts);
+  // (B, 3H): each row block uses its own rows
+  at::Tensor dhg_step = stream ? at::Tensor() : workspace_empty({B, G}, opts);
+  at::Tensor dhn = stream ? at::Tensor() : workspace_empty({N, H}, opts);
+  at::Tensor h_prev = stream ? at::Tensor() : workspace_empty({N, H}, opts);
+  at::Tensor x_c = stream ? input.contiguous() : at::Tensor();
   // Per row block: the column sums of dxg (3H) and of dhn (H), the bias gradients' partial sums.
-  at::Tensor sums = at::zeros({static_cast<int64_t>(blocks.size()), 4 * H}, opts);
+  at::Tensor sums = at::zeros({nb, 4 * H}, opts);
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "timerec_fast_gru_backward", [&] {
-    const auto w_hh_r = RecurrentWeight<scalar_t>::prepare(w_hh_c, per_step_panel_isa(s));
+    const PanelIsa isa = per_step_panel_isa(s);
+    const auto w_hh_r = RecurrentWeight<scalar_t>::prepare(w_hh_c, isa);
+    const auto w_ih_r = stream && input_grad ? RecurrentWeight<scalar_t>::prepare(w_ih, isa)
+                                             : RecurrentWeight<scalar_t>();
     const PrevStateGather<scalar_t> gather{nullptr, 0, out_c.data_ptr<scalar_t>(),
                                            h0_c.data_ptr<scalar_t>(), H,
-                                           h_prev.data_ptr<scalar_t>()};
+                                           stream ? nullptr : h_prev.data_ptr<scalar_t>()};
+    const PrevStateGather<scalar_t> xh_gather{stream ? x_c.data_ptr<scalar_t>() : nullptr, I,
+                                              out_c.data_ptr<scalar_t>(),
+                                              h0_c.data_ptr<scalar_t>(), H, nullptr};
     for_blocks_indexed(blocks, [&](const RowBlock& blk, int64_t i) {
+      auto chunks = stream ? streamed->block<scalar_t>(i, &w_ih_r) : WeightGradChunks<scalar_t>();
       scalar_t* block_sums = sums.data_ptr<scalar_t>() + i * 4 * H;
       gru_backward_block<scalar_t>(s, blk, H, w_hh_r,
                                    gates_c.data_ptr<scalar_t>(), hn_c.data_ptr<scalar_t>(),
                                    out_c.data_ptr<scalar_t>(), h0_c.data_ptr<scalar_t>(),
                                    gy.data_ptr<scalar_t>(), dh_state.data_ptr<scalar_t>(),
-                                   dxg.data_ptr<scalar_t>(), dhg_step.data_ptr<scalar_t>(),
-                                   dhn.data_ptr<scalar_t>(), gather, block_sums,
-                                   block_sums + 3 * H);
+                                   stream ? nullptr : dxg.data_ptr<scalar_t>(),
+                                   stream ? nullptr : dhg_step.data_ptr<scalar_t>(),
+                                   stream ? nullptr : dhn.data_ptr<scalar_t>(), gather,
+                                   block_sums, block_sums + 3 * H, xh_gather,
+                                   stream ? &chunks : nullptr);
     });
   });
-  at::Tensor grad_input = input_grad ? at::mm(dxg, w_ih) : at::empty({0}, opts);
-  // The hidden side's r and z gradients are the input side's: dW_hh and b_hh reuse dxg for them.
-  at::Tensor grad_w_hh = at::empty({3 * H, H}, opts);
-  at::Tensor grad_w_hh_rz = grad_w_hh.narrow(0, 0, 2 * H);
-  at::Tensor grad_w_hh_n = grad_w_hh.narrow(0, 2 * H, H);
-  at::mm_out(grad_w_hh_rz, dxg.narrow(1, 0, 2 * H).t(), h_prev);
-  at::mm_out(grad_w_hh_n, dhn.t(), h_prev);
+  at::Tensor grad_input, grad_w_ih, grad_w_hh;
+  if (stream) {
+    std::tie(grad_input, grad_w_ih, grad_w_hh) = streamed->gradients();
+  } else {
+    grad_input = input_grad ? at::mm(dxg, w_ih) : at::empty({0}, opts);
+    grad_w_ih = at::mm(dxg.t(), input);
+    // The hidden side's r and z gradients are the input side's: dW_hh and b_hh reuse dxg for them.
+    grad_w_hh = at::empty({G, H}, opts);
+    at::Tensor grad_w_hh_rz = grad_w_hh.narrow(0, 0, 2 * H);
+    at::Tensor grad_w_hh_n = grad_w_hh.narrow(0, 2 * H, H);
+    at::mm_out(grad_w_hh_rz, dxg.narrow(1, 0, 2 * H).t(), h_prev);
+    at::mm_out(grad_w_hh_n, dhn.t(), h_prev);
+  }
   // The hidden side's r and z bias gradients are the input side's too.
   const at::Tensor total = sums.sum(0);
   at::Tensor grad_b_ih = total.narrow(0, 0, 3 * H);
   at::Tensor grad_b_hh = at::cat({total.narrow(0, 0, 2 * H), total.narrow(0, 3 * H, H)});
-  return {grad_input, dh_state, at::mm(dxg.t(), input), grad_w_hh, grad_b_ih, grad_b_hh};
+  return {grad_input, dh_state, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh};
 }
 
 }  // namespace

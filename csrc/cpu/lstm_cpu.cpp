@@ -10,6 +10,7 @@
 #include "cpu_kernels.h"
 #include "workspace.h"
 #include "gate_panels.h"
+#include "streamed_grads.h"
 #include "vec_activations.h"
 
 namespace timerec::cpu {
@@ -163,43 +164,25 @@ bool use_unit_split(const Schedule& s, int64_t H, bool proj, int threads) {
   return true;
 }
 
-// The input and weight gradients made inside the BPTT loop (cpu_kernels.h, stream_weight_grads):
-// dx_t = dG_t W_ih per step on panels, like dh; [dW_ih, dW_hh] += dG^T [x, h_prev] per chunk.
-template <typename T>
-struct StreamedGrads {
-  const RecurrentWeight<T>* w_ih;  // null: no input gradient
-  T* grad_input;                   // (N, I)
-  int64_t rows_cap;                // rows each chunk buffer holds (at least a block's rows)
-  T* dg_chunk;                     // this block's (rows_cap, 4H)
-  T* xh_chunk;                     // this block's (rows_cap, I + P)
-  T* grad_w;                       // this block's (4H, I + P), accumulated
-};
-
-// Without `stream` each step's dGates and [x, h_prev] rows go to the (N, ...) matrices dgates and
-// gather.dst for GEMMs after the loop.
+// With `chunks` (streamed_grads.h) each step's dGates rows go to the block's chunk buffers, which
+// also make dx and dW; without, to the (N, 4H) dgates, and the [x, h_prev] rows to gather.dst, for
+// GEMMs after the loop.
 template <typename T>
 void lstm_backward_block(const Schedule& s, RowBlock blk, int64_t H, int64_t P,
                          const RecurrentWeight<T>& w_hh, const T* w_hr, const T* gates,
                          const T* cells, const T* c0,
                          const T* grad_out, T* dh_state, T* dc_state, T* dgates, T* dy, T* dhpre,
-                         const PrevStateGather<T>& gather, T* db, const StreamedGrads<T>* stream) {
-  const int64_t G = 4 * H, I = gather.I, W = I + P;
-  int64_t filled = 0;  // rows in the chunk buffers
-  const auto flush = [&] {
-    if (filled > 0)
-      gemm<T>(/*trans_a=*/true, /*trans_b=*/false, G, W, filled, T(1), stream->dg_chunk, G,
-              stream->xh_chunk, W, T(1), stream->grad_w, W);
-    filled = 0;
-  };
+                         const PrevStateGather<T>& gather, T* db, WeightGradChunks<T>* chunks) {
+  const int64_t G = 4 * H;
   for (int64_t k = s.steps - 1; k >= 0; --k) {
     const int64_t t = s.time_at(k);
     const int64_t n = blk.rows_at(s, t);
     if (n == 0) continue;
     const int64_t base = s.offsets[t];  // the row kernels index rows of the whole step
-    if (stream != nullptr && filled + n > stream->rows_cap) flush();
+    if (chunks != nullptr) chunks->make_room(n);
     // Where this block's dGates rows of the step go: dg_out holds row dg_row0 first.
-    T* dg_out = stream != nullptr ? stream->dg_chunk + filled * G : dgates + base * G;
-    const int64_t dg_row0 = stream != nullptr ? blk.lo : 0;
+    T* dg_out = chunks != nullptr ? chunks->dg_rows() : dgates + base * G;
+    const int64_t dg_row0 = chunks != nullptr ? blk.lo : 0;
     const auto c_prev = prev_rows(s, k, cells, c0, H);
     const T* gy = grad_out + base * P;
     if (w_hr != nullptr) {
@@ -223,18 +206,13 @@ void lstm_backward_block(const Schedule& s, RowBlock blk, int64_t H, int64_t P,
     const T* dg = dg_out + (blk.lo - dg_row0) * G;  // the block's rows
     // dh_{t-1} = dGates_t W_hh
     recurrent_gemm<T>(n, G, P, dg, G, w_hh, dh_state + blk.lo * P, P, /*accumulate=*/false);
-    if (stream != nullptr) {
-      if (stream->w_ih != nullptr)
-        recurrent_gemm<T>(n, G, I, dg, G, *stream->w_ih, stream->grad_input + (base + blk.lo) * I,
-                          I, /*accumulate=*/false);
-      gather.rows_to(s, k, t, blk.lo, n, stream->xh_chunk + filled * W);
-      filled += n;
-    } else {
-      gather.rows(s, k, t, blk.lo, n);
-    }
     add_column_sums(dg, G, 0, n, db);
+    if (chunks != nullptr)
+      chunks->step_done(s, gather, k, t, blk.lo, n);
+    else
+      gather.rows(s, k, t, blk.lo, n);
   }
-  if (stream != nullptr) flush();
+  if (chunks != nullptr) chunks->finish();
 }
 
 // ---- fused forward (gate_panels.h) ----------------------------------------------------------
@@ -577,19 +555,18 @@ lstm_backward_cpu(const c10::optional<at::Tensor>& grad_output,
   const auto blocks = split_batch(s, kMinRowsPerBlock);
   const int64_t nb = static_cast<int64_t>(blocks.size());
   at::Tensor db_blocks = at::zeros({nb, G}, opts);
-  const int64_t elem = static_cast<int64_t>(input.element_size());
-  const bool stream = stream_weight_grads(blocks, G * W * elem);
-  const int64_t rows_cap = stream_chunk_rows(blocks, (G + W) * elem);
+  const bool stream = stream_weight_grads(blocks, G * W * input.element_size());
   // dW as [dW_ih, dW_hh] side by side: one GEMM over [x, h_prev] packs dGates^T once (its
   // packing copies were 8.8% of a training step at (256, 50, 64, 64); against two GEMMs, training
   // step 1.01-1.06x at (256, 50, 64, 64), 1.00x at 128, 1.02-1.05x at (64, 200, 128, 256)).
   // Each row block fills its rows of [x, h_prev] (all of them, or a chunk's) and sums its rows of
   // dGates for the bias gradient in the BPTT loop.
+  std::optional<StreamedGradBuffers> streamed;
+  if (stream)
+    streamed.emplace(blocks, G, G, I, d.P, /*one_matrix=*/true, /*hidden_side=*/false, input_grad,
+                     d.N, opts);
   at::Tensor dgates = stream ? at::Tensor() : workspace_empty({d.N, G}, opts);
-  at::Tensor xh = stream ? workspace_empty({nb, rows_cap, W}, opts) : workspace_empty({d.N, W}, opts);
-  at::Tensor dg_chunks = stream ? workspace_empty({nb, rows_cap, G}, opts) : at::Tensor();
-  at::Tensor grad_w_blocks = stream ? at::zeros({nb, G, W}, opts) : at::Tensor();
-  at::Tensor grad_input = stream && input_grad ? at::empty({d.N, I}, opts) : at::Tensor();
+  at::Tensor xh = stream ? at::Tensor() : workspace_empty({d.N, W}, opts);
 
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "timerec_fast_lstm_backward", [&] {
     // dh_{t-1} = dG_t W_hh (and dx_t = dG_t W_ih) on weights packed once (gate_panels.h), not
@@ -601,17 +578,11 @@ lstm_backward_cpu(const c10::optional<at::Tensor>& grad_output,
     const PrevStateGather<scalar_t> gather{x_c.data_ptr<scalar_t>(), I,
                                            out_c.data_ptr<scalar_t>(),
                                            h0_c.data_ptr<scalar_t>(), d.P,
-                                           xh.data_ptr<scalar_t>()};
+                                           stream ? nullptr : xh.data_ptr<scalar_t>()};
     scalar_t* db = db_blocks.data_ptr<scalar_t>();
     for_blocks_indexed(blocks, [&](const RowBlock& blk, int64_t index) {
-      StreamedGrads<scalar_t> st{};
-      if (stream)
-        st = {input_grad ? &w_ih_r : nullptr,
-              input_grad ? grad_input.data_ptr<scalar_t>() : nullptr,
-              rows_cap,
-              dg_chunks.data_ptr<scalar_t>() + index * rows_cap * G,
-              xh.data_ptr<scalar_t>() + index * rows_cap * W,
-              grad_w_blocks.data_ptr<scalar_t>() + index * G * W};
+      auto chunks = stream ? streamed->block<scalar_t>(index, &w_ih_r)
+                           : WeightGradChunks<scalar_t>();
       lstm_backward_block<scalar_t>(
           s, blk, d.H, d.P, w_hh_r,
           d.proj ? w_hr_c.data_ptr<scalar_t>() : nullptr, gates_c.data_ptr<scalar_t>(),
@@ -620,16 +591,13 @@ lstm_backward_cpu(const c10::optional<at::Tensor>& grad_output,
           stream ? nullptr : dgates.data_ptr<scalar_t>(),
           d.proj ? dy.data_ptr<scalar_t>() : nullptr,
           d.proj ? dhpre.data_ptr<scalar_t>() : nullptr, gather, db + index * G,
-          stream ? &st : nullptr);
+          stream ? &chunks : nullptr);
     });
   });
 
-  at::Tensor grad_w_ih, grad_w_hh;
+  at::Tensor grad_input, grad_w_ih, grad_w_hh;
   if (stream) {
-    const at::Tensor grad_w = grad_w_blocks.sum(0);  // (4H, I + P)
-    grad_w_ih = grad_w.narrow(1, 0, I).contiguous();
-    grad_w_hh = grad_w.narrow(1, I, d.P).contiguous();
-    if (!input_grad) grad_input = at::empty({0}, opts);
+    std::tie(grad_input, grad_w_ih, grad_w_hh) = streamed->gradients();
   } else {
     // Input and weight gradients: one large GEMM each over all steps (dx; [dW_ih, dW_hh]).
     grad_input = input_grad ? at::mm(dgates, w_ih) : at::empty({0}, opts);

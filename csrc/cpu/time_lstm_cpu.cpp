@@ -13,6 +13,7 @@
 #include "cpu_blas.h"
 #include "cpu_kernels.h"
 #include "gate_panels.h"
+#include "streamed_grads.h"
 #include "vec_activations.h"
 #include "workspace.h"
 
@@ -93,21 +94,6 @@ struct TimeLstmGradAcc {
   T* bias_sums;                        // (G): column sums of the block's dgates
   const PrevStateGather<T>* h_gather;  // fills the block's h_prev rows (for dW_hh)
   int64_t dg_row0;                     // dgates holds the dGates row of row dg_row0 first
-};
-
-// The input and weight gradients made inside the BPTT loop (cpu_kernels.h, stream_weight_grads):
-// dx_t = dG_t W_ih per step on panels, like dh; per chunk, dW_ih += dG^T x and
-// dW_hh += dG_h^T h_prev (the h gates' columns only).
-template <typename T>
-struct TimeLstmStreamedGrads {
-  const RecurrentWeight<T>* w_ih;  // null: no input gradient
-  T* grad_input;                   // (N, I)
-  const PrevStateGather<T>* xh_gather;  // [x, h_prev] rows
-  int64_t rows_cap;                // rows each chunk buffer holds (at least a block's rows)
-  T* dg_chunk;                     // this block's (rows_cap, G)
-  T* xh_chunk;                     // this block's (rows_cap, I + H)
-  T* grad_w_ih;                    // this block's (G, I), accumulated
-  T* grad_w_hh;                    // this block's (Gh, H), accumulated
 };
 
 // Absolute rows. dh = dh_state + grad_out; writes dgates (pre-activation gradients), dc_state,
@@ -338,9 +324,10 @@ void time_lstm_forward_block(int variant, TimeLstmLayout L, const Schedule& s, R
   }
 }
 
-// The row loop stays on this block's thread (no for_rows): it accumulates into acc. Without
-// `stream` each step's dGates and h_prev rows go to the (N, ...) matrices dgates and
-// acc.h_gather->dst for GEMMs after the loop.
+// The row loop stays on this block's thread (no for_rows): it accumulates into acc. With `chunks`
+// (streamed_grads.h) each step's dGates rows go to the block's chunk buffers, which also make dx
+// and dW; without, to the (N, G) dgates, and the h_prev rows to acc.h_gather->dst, for GEMMs
+// after the loop.
 template <typename T>
 void time_lstm_backward_block(int variant, TimeLstmLayout L, const Schedule& s, RowBlock blk,
                               int64_t H, const RecurrentWeight<T>& w_hh, const T* peep,
@@ -348,27 +335,17 @@ void time_lstm_backward_block(int variant, TimeLstmLayout L, const Schedule& s, 
                               const T* gates, const T* cells, const T* cts, const T* c0,
                               const T* grad_out, const T* dt, T* dh_state, T* dc_state, T* dgates,
                               T* grad_dt, TimeLstmGradAcc<T> acc,
-                              const TimeLstmStreamedGrads<T>* stream) {
+                              const PrevStateGather<T>& xh_gather, WeightGradChunks<T>* chunks) {
   const int64_t G = L.gates * H, Gh = L.h_gates * H;
-  const int64_t I = stream != nullptr ? stream->xh_gather->I : 0, W = I + H;
-  int64_t filled = 0;  // rows in the chunk buffers
-  const auto flush = [&] {
-    if (filled == 0) return;
-    gemm<T>(/*trans_a=*/true, /*trans_b=*/false, G, I, filled, T(1), stream->dg_chunk, G,
-            stream->xh_chunk, W, T(1), stream->grad_w_ih, I);
-    gemm<T>(/*trans_a=*/true, /*trans_b=*/false, Gh, H, filled, T(1), stream->dg_chunk, G,
-            stream->xh_chunk + I, W, T(1), stream->grad_w_hh, H);
-    filled = 0;
-  };
   for (int64_t k = s.steps - 1; k >= 0; --k) {
     const int64_t t = s.time_at(k);
     const int64_t n = blk.rows_at(s, t);
     if (n == 0) continue;
     const int64_t base = s.offsets[t];
-    if (stream != nullptr && filled + n > stream->rows_cap) flush();
+    if (chunks != nullptr) chunks->make_room(n);
     // Where this block's dGates rows of the step go (row acc.dg_row0 first).
-    T* dg_out = stream != nullptr ? stream->dg_chunk + filled * G : dgates + base * G;
-    acc.dg_row0 = stream != nullptr ? blk.lo : 0;
+    T* dg_out = chunks != nullptr ? chunks->dg_rows() : dgates + base * G;
+    acc.dg_row0 = chunks != nullptr ? blk.lo : 0;
     const auto c_prev = prev_rows(s, k, cells, c0, H);
     time_lstm_backward_rows(variant, L, blk.lo, blk.lo + n, H, gates + base * G, cells + base * H,
                             cts != nullptr ? cts + base * H : nullptr, c_prev, peep, time_w,
@@ -376,18 +353,13 @@ void time_lstm_backward_block(int variant, TimeLstmLayout L, const Schedule& s, 
                             grad_dt + base, acc);
     const T* dg = dg_out + (blk.lo - acc.dg_row0) * G;  // the block's rows
     recurrent_gemm<T>(n, Gh, H, dg, G, w_hh, dh_state + blk.lo * H, H, /*accumulate=*/false);
-    if (stream != nullptr) {
-      if (stream->w_ih != nullptr)
-        recurrent_gemm<T>(n, G, I, dg, G, *stream->w_ih, stream->grad_input + (base + blk.lo) * I,
-                          I, /*accumulate=*/false);
-      stream->xh_gather->rows_to(s, k, t, blk.lo, n, stream->xh_chunk + filled * W);
-      filled += n;
-    } else {
-      acc.h_gather->rows(s, k, t, blk.lo, n);
-    }
     add_column_sums(dg, G, 0, n, acc.bias_sums);
+    if (chunks != nullptr)
+      chunks->step_done(s, xh_gather, k, t, blk.lo, n);
+    else
+      acc.h_gather->rows(s, k, t, blk.lo, n);
   }
-  if (stream != nullptr) flush();
+  if (chunks != nullptr) chunks->finish();
 }
 
 template <typename T>
@@ -778,16 +750,14 @@ time_lstm_backward_cpu(const c10::optional<at::Tensor>& grad_output,
   const int64_t nb = static_cast<int64_t>(blocks.size());
   at::Tensor sums = at::zeros({nb, 6, H}, opts), scratch = at::empty({nb, H}, opts);
   at::Tensor bias_sums = at::zeros({nb, G}, opts);
-  const int64_t I = input.size(1), W = I + H, elem = static_cast<int64_t>(input.element_size());
-  const bool stream = stream_weight_grads(blocks, (G * I + Gh * H) * elem);
-  const int64_t rows_cap = stream_chunk_rows(blocks, (G + W) * elem);
+  const int64_t I = input.size(1);
+  const bool stream = stream_weight_grads(blocks, (G * I + Gh * H) * input.element_size());
+  std::optional<StreamedGradBuffers> streamed;  // dW_hh from the h gates' columns (first Gh)
+  if (stream)
+    streamed.emplace(blocks, G, Gh, I, H, /*one_matrix=*/false, /*hidden_side=*/false, input_grad,
+                     d.N, opts);
   at::Tensor dgates = stream ? at::Tensor() : workspace_empty({d.N, G}, opts);
   at::Tensor h_prev = stream ? at::Tensor() : workspace_empty({d.N, H}, opts);
-  at::Tensor xh_chunks = stream ? workspace_empty({nb, rows_cap, W}, opts) : at::Tensor();
-  at::Tensor dg_chunks = stream ? workspace_empty({nb, rows_cap, G}, opts) : at::Tensor();
-  at::Tensor grad_w_ih_blocks = stream ? at::zeros({nb, G, I}, opts) : at::Tensor();
-  at::Tensor grad_w_hh_blocks = stream ? at::zeros({nb, Gh, H}, opts) : at::Tensor();
-  at::Tensor grad_input = stream && input_grad ? at::empty({d.N, I}, opts) : at::Tensor();
   at::Tensor x_c = stream ? input.contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "timerec_fast_time_lstm_backward", [&] {
     const PanelIsa isa = per_step_panel_isa(s);
@@ -801,16 +771,7 @@ time_lstm_backward_cpu(const c10::optional<at::Tensor>& grad_output,
                                               out_c.data_ptr<scalar_t>(),
                                               h0_c.data_ptr<scalar_t>(), H, nullptr};
     for_blocks_indexed(blocks, [&](const RowBlock& blk, int64_t i) {
-      TimeLstmStreamedGrads<scalar_t> st{};
-      if (stream)
-        st = {input_grad ? &w_ih_r : nullptr,
-              input_grad ? grad_input.data_ptr<scalar_t>() : nullptr,
-              &xh_gather,
-              rows_cap,
-              dg_chunks.data_ptr<scalar_t>() + i * rows_cap * G,
-              xh_chunks.data_ptr<scalar_t>() + i * rows_cap * W,
-              grad_w_ih_blocks.data_ptr<scalar_t>() + i * G * I,
-              grad_w_hh_blocks.data_ptr<scalar_t>() + i * Gh * H};
+      auto chunks = stream ? streamed->block<scalar_t>(i, &w_ih_r) : WeightGradChunks<scalar_t>();
       time_lstm_backward_block<scalar_t>(
           static_cast<int>(variant), L, s, blk, H, w_hh_r,
           peep_c.data_ptr<scalar_t>(), time_w_c.data_ptr<scalar_t>(),
@@ -822,15 +783,13 @@ time_lstm_backward_cpu(const c10::optional<at::Tensor>& grad_output,
           TimeLstmGradAcc<scalar_t>{sums.data_ptr<scalar_t>() + i * 6 * H,
                                     scratch.data_ptr<scalar_t>() + i * H,
                                     bias_sums.data_ptr<scalar_t>() + i * G, &h_gather, 0},
-          stream ? &st : nullptr);
+          xh_gather, stream ? &chunks : nullptr);
     });
   });
   at::Tensor unit_grads = sums.sum(0);  // (6, H): p_i, p_f, p_o, w_t1, w_t2, w_o
-  at::Tensor grad_w_ih, grad_w_hh;
+  at::Tensor grad_input, grad_w_ih, grad_w_hh;
   if (stream) {
-    grad_w_ih = grad_w_ih_blocks.sum(0);
-    grad_w_hh = grad_w_hh_blocks.sum(0);
-    if (!input_grad) grad_input = at::empty({0}, opts);
+    std::tie(grad_input, grad_w_ih, grad_w_hh) = streamed->gradients();
   } else {
     grad_input = input_grad ? at::mm(dgates, w_ih) : at::empty({0}, opts);
     grad_w_ih = at::mm(dgates.t(), input);
