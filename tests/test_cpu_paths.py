@@ -448,3 +448,33 @@ def test_time_lstm_streamed_backward_over_several_chunks(threads, variant, input
              for o in (got, want)]
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, **TOL[dtype])
+
+
+@pytest.mark.parametrize("gemm", ["", "avx2"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("hidden", [64, 128])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "time_lstm3"])
+def test_backward_products_on_quarter_panels(monkeypatch, threads, gemm, dtype, hidden, cell):
+    # Output widths that are a multiple of 4 vectors (here I = 64 and H = 64 or 128) make the
+    # backward's per-step products dh = dG W_hh and dx = dG W_ih run on panels of four column
+    # quarters (gate_panels.h, pack_kn_quarter_panels) instead of one-column-chunk panels: one or
+    # two unit chunks of 16 (fp32 AVX-512) or 8 lanes (fp64, AVX2) per quarter.
+    monkeypatch.setenv("TIMEREC_CPU_GEMM", gemm)
+    threads(2)
+    torch.manual_seed(0)
+    x = torch.randn(6, 20, 64, dtype=dtype, requires_grad=True)
+    if cell == "time_lstm3":
+        m = timerec_fast.TimeLSTM(64, hidden, variant=cell, dtype=dtype)
+        dt = torch.rand(6, 20, dtype=dtype) * 3
+        got, want = m(x, dt), reference_cells.reference_time_lstm(m, x, dt)
+        outs, params = (got[0], want[0]), [list(m.parameters())] * 2
+    else:
+        cls, ref_cls = ((timerec_fast.LSTM, torch.nn.LSTM) if cell == "lstm"
+                        else (timerec_fast.GRU, torch.nn.GRU))
+        ours, ref = _pair(cls, ref_cls, dtype, input_size=64, hidden_size=hidden)
+        outs, params = (ours(x)[0], ref(x)[0]), [list(ours.parameters()), list(ref.parameters())]
+    torch.testing.assert_close(outs[0], outs[1], **TOL[dtype])
+    w = torch.randn_like(outs[1])
+    grads = [torch.autograd.grad((o * w).sum(), [x] + p) for o, p in zip(outs, params)]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, **TOL[dtype])
