@@ -26,10 +26,11 @@ namespace timerec::cpu {
 constexpr int64_t kStreamChunkBytes = int64_t{512} << 10;
 
 // Each chunk's GEMMs also read and write the block's dW (dw_bytes = (G I + Gh P) elements):
-// streaming pays while that is at most half a chunk. Measured on the LSTM training step: H = I = 64 fp32 (128 KB) 3-12% faster
-// over several batch shapes; H = I = 128 (512 KB) no faster; (H, I) = (256, 128) slower (1.5 MB
-// of dW per 64 rows). Time-LSTM and GRU at H = I = 64: 4-9% and 5-6% faster. One block (small
-// batches) keeps the large GEMMs after the loop, where BLAS can use every thread.
+// streaming pays while that is at most half a chunk. Measured on the LSTM training step:
+// H = I = 64 fp32 (128 KB) 3-12% faster over several batch shapes; H = I = 128 (512 KB) no
+// faster; (H, I) = (256, 128) slower (1.5 MB of dW per 64 rows). Time-LSTM and GRU at
+// H = I = 64: 4-9% and 5-6% faster. One block (small batches) keeps the large GEMMs after the
+// loop, where BLAS can use every thread.
 inline bool stream_weight_grads(const std::vector<RowBlock>& blocks, int64_t dw_bytes) {
   return blocks.size() > 1 && 2 * dw_bytes <= kStreamChunkBytes;
 }
