@@ -69,7 +69,6 @@ def test_batch_split_packed(threads, cls, ref_cls, batch):
         torch.testing.assert_close(a, b, **TOL[torch.float64])
 
 
-
 @pytest.mark.parametrize("cell", ["lstm", "lstm-proj", "gru"])
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("input_grad", [True, False])
@@ -290,8 +289,8 @@ def test_recurrent_product_on_stored_weight(threads, dtype, hidden, batch, cell)
 # split over threads by rows or, for panels past half a core's L2, by unit chunks. Fewer rows:
 # one input GEMM, then per-step products on panels (more than 8 rows) or the small-GEMM kernel,
 # and a pointwise pass. The backward always takes the second kind, and with the batch split over
-# threads and a small dW makes dx and dW inside its loop (as the LSTM's). TIMEREC_CPU_GEMM=blas takes
-# BLAS and the pointwise pass everywhere. Checked against the step-by-step reference of
+# threads and a small dW makes dx and dW inside its loop (as the LSTM's). TIMEREC_CPU_GEMM=blas
+# takes BLAS and the pointwise pass everywhere. Checked against the step-by-step reference of
 # tests/reference_cells.py on packed unsorted input, delta_t included.
 TIME_CASES = {
     "panel-rows": dict(batch=20, hidden=24, lengths=(3, 9)),

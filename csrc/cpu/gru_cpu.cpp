@@ -53,7 +53,6 @@ TRF_ALWAYS_INLINE void gru_backward_rows_impl(int64_t r0, int64_t r1, int64_t H,
                                               const T* hn, PrevRows<T> h_prev, const T* gy,
                                               T* dh_state, T* dxg, T* dhg_step, T* dhn_rows,
                                               int64_t row0) {
-  T dhn_discard[1];
   for (int64_t b = r0; b < r1; ++b) {
     const T* g = gates + b * 3 * H;
     const T* hnb = hn + b * H;
@@ -62,8 +61,7 @@ TRF_ALWAYS_INLINE void gru_backward_rows_impl(int64_t r0, int64_t r1, int64_t H,
     T* dhs = dh_state + b * H;
     T* dx = dxg + (b - row0) * 3 * H;
     T* dhh = dhg_step + (b - row0) * 3 * H;
-    const bool keep_dhn = dhn_rows != nullptr;
-    T* dhn_b = keep_dhn ? dhn_rows + b * H : dhn_discard;
+    T* dhn_b = dhn_rows != nullptr ? dhn_rows + b * H : nullptr;
 #pragma GCC ivdep
     for (int64_t j = 0; j < H; ++j) {
       T dr, dz, dn, dhn;
@@ -75,7 +73,7 @@ TRF_ALWAYS_INLINE void gru_backward_rows_impl(int64_t r0, int64_t r1, int64_t H,
       dhh[j] = dr;
       dhh[H + j] = dz;
       dhh[2 * H + j] = dhn;
-      if (keep_dhn) dhn_b[j] = dhn;
+      if (dhn_b != nullptr) dhn_b[j] = dhn;
       dhs[j] = rest;
     }
   }
@@ -120,14 +118,15 @@ void gru_forward_block(const Schedule& s, RowBlock blk, int64_t H, const Recurre
 }
 
 // With `chunks` (streamed_grads.h) the step's dxg rows and hidden-side rows [dr, dz, dn * r] go
-// to the block's chunk buffers, which also make dx and dW; without, dxg and dhn rows to the
-// (N, ...) matrices dxg and dhn, and the h_prev rows to gather.dst, for GEMMs after the loop.
+// to the block's chunk buffers, which also make dx and dW (gather gives them [x, h_prev] rows);
+// without, dxg and dhn rows to the (N, ...) matrices dxg and dhn, and the h_prev rows to
+// gather.dst, for GEMMs after the loop.
 template <typename T>
 void gru_backward_block(const Schedule& s, RowBlock blk, int64_t H, const RecurrentWeight<T>& w_hh,
                         const T* gates, const T* hn, const T* out, const T* h0, const T* grad_out,
                         T* dh_state, T* dxg, T* dhg_step, T* dhn,
                         const PrevStateGather<T>& gather, T* dxg_sums, T* dhn_sums,
-                        const PrevStateGather<T>& xh_gather, WeightGradChunks<T>* chunks) {
+                        WeightGradChunks<T>* chunks) {
   const int64_t G = 3 * H;
   for (int64_t k = s.steps - 1; k >= 0; --k) {
     const int64_t t = s.time_at(k);
@@ -151,7 +150,7 @@ void gru_backward_block(const Schedule& s, RowBlock blk, int64_t H, const Recurr
     add_column_sums(dx_rows, G, 0, n, dxg_sums);
     if (chunks != nullptr) {
       add_column_sums_strided(dh_rows + 2 * H, G, H, n, dhn_sums);  // the dhn columns
-      chunks->step_done(s, xh_gather, k, t, blk.lo, n);
+      chunks->step_done(s, gather, k, t, blk.lo, n);
     } else {
       add_column_sums(static_cast<const T*>(dhn + base * H), H, blk.lo, n, dhn_sums);
       gather.rows(s, k, t, blk.lo, n);
@@ -512,11 +511,10 @@ gru_backward_cpu(const c10::optional<at::Tensor>& grad_output,
   at::Tensor h0_c = h0.contiguous(), w_hh_c = w_hh.contiguous();
   const auto blocks = split_batch(s, kMinRowsPerBlock);
   const int64_t nb = static_cast<int64_t>(blocks.size());
-  const bool stream = stream_weight_grads(blocks, G * (I + H) * input.element_size());
-  std::optional<StreamedGradBuffers> streamed;  // the hidden side's rows [dr, dz, dn * r] apart
-  if (stream)
-    streamed.emplace(blocks, G, G, I, H, /*one_matrix=*/false, /*hidden_side=*/true, input_grad, N,
-                     opts);
+  // The hidden side's rows [dr, dz, dn * r] kept apart from the input side's.
+  const auto streamed = StreamedGradBuffers::for_call(blocks, G, G, I, H, /*hidden_side=*/true,
+                                                      input_grad, N, opts);
+  const bool stream = streamed.has_value();
   at::Tensor dxg = stream ? at::Tensor() : workspace_empty({N, G}, opts);
   // (B, 3H): each row block uses its own rows
   at::Tensor dhg_step = stream ? at::Tensor() : workspace_empty({B, G}, opts);
@@ -530,12 +528,11 @@ gru_backward_cpu(const c10::optional<at::Tensor>& grad_output,
     const auto w_hh_r = RecurrentWeight<scalar_t>::prepare(w_hh_c, isa);
     const auto w_ih_r = stream && input_grad ? RecurrentWeight<scalar_t>::prepare(w_ih, isa)
                                              : RecurrentWeight<scalar_t>();
-    const PrevStateGather<scalar_t> gather{nullptr, 0, out_c.data_ptr<scalar_t>(),
+    // Streamed: [x, h_prev] rows for the chunks; else h_prev rows into the (N, H) matrix.
+    const PrevStateGather<scalar_t> gather{stream ? x_c.data_ptr<scalar_t>() : nullptr,
+                                           stream ? I : 0, out_c.data_ptr<scalar_t>(),
                                            h0_c.data_ptr<scalar_t>(), H,
                                            stream ? nullptr : h_prev.data_ptr<scalar_t>()};
-    const PrevStateGather<scalar_t> xh_gather{stream ? x_c.data_ptr<scalar_t>() : nullptr, I,
-                                              out_c.data_ptr<scalar_t>(),
-                                              h0_c.data_ptr<scalar_t>(), H, nullptr};
     for_blocks_indexed(blocks, [&](const RowBlock& blk, int64_t i) {
       auto chunks = stream ? streamed->block<scalar_t>(i, &w_ih_r) : WeightGradChunks<scalar_t>();
       scalar_t* block_sums = sums.data_ptr<scalar_t>() + i * 4 * H;
@@ -546,8 +543,7 @@ gru_backward_cpu(const c10::optional<at::Tensor>& grad_output,
                                    stream ? nullptr : dxg.data_ptr<scalar_t>(),
                                    stream ? nullptr : dhg_step.data_ptr<scalar_t>(),
                                    stream ? nullptr : dhn.data_ptr<scalar_t>(), gather,
-                                   block_sums, block_sums + 3 * H, xh_gather,
-                                   stream ? &chunks : nullptr);
+                                   block_sums, block_sums + 3 * H, stream ? &chunks : nullptr);
     });
   });
   at::Tensor grad_input, grad_w_ih, grad_w_hh;

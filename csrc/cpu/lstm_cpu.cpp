@@ -555,16 +555,14 @@ lstm_backward_cpu(const c10::optional<at::Tensor>& grad_output,
   const auto blocks = split_batch(s, kMinRowsPerBlock);
   const int64_t nb = static_cast<int64_t>(blocks.size());
   at::Tensor db_blocks = at::zeros({nb, G}, opts);
-  const bool stream = stream_weight_grads(blocks, G * W * input.element_size());
   // dW as [dW_ih, dW_hh] side by side: one GEMM over [x, h_prev] packs dGates^T once (its
   // packing copies were 8.8% of a training step at (256, 50, 64, 64); against two GEMMs, training
   // step 1.01-1.06x at (256, 50, 64, 64), 1.00x at 128, 1.02-1.05x at (64, 200, 128, 256)).
   // Each row block fills its rows of [x, h_prev] (all of them, or a chunk's) and sums its rows of
   // dGates for the bias gradient in the BPTT loop.
-  std::optional<StreamedGradBuffers> streamed;
-  if (stream)
-    streamed.emplace(blocks, G, G, I, d.P, /*one_matrix=*/true, /*hidden_side=*/false, input_grad,
-                     d.N, opts);
+  const auto streamed = StreamedGradBuffers::for_call(blocks, G, G, I, d.P,
+                                                      /*hidden_side=*/false, input_grad, d.N, opts);
+  const bool stream = streamed.has_value();
   at::Tensor dgates = stream ? at::Tensor() : workspace_empty({d.N, G}, opts);
   at::Tensor xh = stream ? at::Tensor() : workspace_empty({d.N, W}, opts);
 

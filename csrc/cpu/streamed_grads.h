@@ -100,28 +100,40 @@ struct WeightGradChunks {
   }
 };
 
-// Every block's chunk buffers and partial dW for one backward call (made when
-// stream_weight_grads says so), and the gradients summed over the blocks afterwards.
+// Every block's chunk buffers and partial dW for one backward call, and the gradients summed
+// over the blocks afterwards.
 struct StreamedGradBuffers {
   int64_t rows_cap = 0, G = 0, Gh = 0, I = 0, P = 0;
   at::Tensor dg, dg_h, xh;                // (blocks, rows_cap, ...); dg_h undefined: dg serves
   at::Tensor grad_w, grad_w_ih, grad_w_hh;  // (blocks, ...) partial sums: grad_w, or the two
   at::Tensor grad_input;                  // (N, I), undefined without an input gradient
 
-  // one_matrix: [dW_ih, dW_hh] as one (G, I + P) matrix (needs Gh == G and one side);
-  // hidden_side: a separate hidden-side gradient row per step (the GRU's).
+  // The buffers for a backward with gate-gradient rows of G columns (the first Gh of which feed
+  // dW_hh), I inputs and P states, when stream_weight_grads says streaming pays for its dW of
+  // G I + Gh P elements; none otherwise (the backward keeps its GEMMs after the loop).
+  // hidden_side: a separate hidden-side gradient row per step (the GRU's). With one side and
+  // Gh == G (the LSTM) [dW_ih, dW_hh] is one (G, I + P) matrix.
+  static std::optional<StreamedGradBuffers> for_call(const std::vector<RowBlock>& blocks,
+                                                     int64_t G, int64_t Gh, int64_t I, int64_t P,
+                                                     bool hidden_side, bool input_grad, int64_t N,
+                                                     const at::TensorOptions& opts) {
+    const int64_t elem =
+        static_cast<int64_t>(c10::elementSize(c10::typeMetaToScalarType(opts.dtype())));
+    if (!stream_weight_grads(blocks, (G * I + Gh * P) * elem)) return std::nullopt;
+    return StreamedGradBuffers(blocks, G, Gh, I, P, hidden_side, input_grad, N, opts, elem);
+  }
+
+ private:
   StreamedGradBuffers(const std::vector<RowBlock>& blocks, int64_t G, int64_t Gh, int64_t I,
-                      int64_t P, bool one_matrix, bool hidden_side, bool input_grad, int64_t N,
-                      const at::TensorOptions& opts)
+                      int64_t P, bool hidden_side, bool input_grad, int64_t N,
+                      const at::TensorOptions& opts, int64_t elem)
       : G(G), Gh(Gh), I(I), P(P) {
     const int64_t nb = static_cast<int64_t>(blocks.size());
-    const int64_t elem = static_cast<int64_t>(c10::elementSize(
-        c10::typeMetaToScalarType(opts.dtype())));
     rows_cap = stream_chunk_rows(blocks, ((hidden_side ? 2 : 1) * G + I + P) * elem);
     dg = workspace_empty({nb, rows_cap, G}, opts);
     if (hidden_side) dg_h = workspace_empty({nb, rows_cap, G}, opts);
     xh = workspace_empty({nb, rows_cap, I + P}, opts);
-    if (one_matrix) {
+    if (!hidden_side && Gh == G) {
       grad_w = at::zeros({nb, G, I + P}, opts);
     } else {
       grad_w_ih = at::zeros({nb, G, I}, opts);
@@ -130,6 +142,7 @@ struct StreamedGradBuffers {
     if (input_grad) grad_input = at::empty({N, I}, opts);
   }
 
+ public:
   // Block i's view; w_ih (packed W_ih) is read only with an input gradient.
   template <typename T>
   WeightGradChunks<T> block(int64_t i, const RecurrentWeight<T>* w_ih) const {

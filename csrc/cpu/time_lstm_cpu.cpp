@@ -92,7 +92,8 @@ struct TimeLstmGradAcc {
   T* sums;     // (6, H), accumulated over the block's rows
   T* scratch;  // (H)
   T* bias_sums;                        // (G): column sums of the block's dgates
-  const PrevStateGather<T>* h_gather;  // fills the block's h_prev rows (for dW_hh)
+  const PrevStateGather<T>* h_gather;  // fills the block's h_prev rows (for dW_hh), or, streamed,
+                                       // the chunks' [x, h_prev] rows
   int64_t dg_row0;                     // dgates holds the dGates row of row dg_row0 first
 };
 
@@ -326,16 +327,15 @@ void time_lstm_forward_block(int variant, TimeLstmLayout L, const Schedule& s, R
 
 // The row loop stays on this block's thread (no for_rows): it accumulates into acc. With `chunks`
 // (streamed_grads.h) each step's dGates rows go to the block's chunk buffers, which also make dx
-// and dW; without, to the (N, G) dgates, and the h_prev rows to acc.h_gather->dst, for GEMMs
-// after the loop.
+// and dW (acc.h_gather gives them [x, h_prev] rows); without, to the (N, G) dgates, and the
+// h_prev rows to acc.h_gather->dst, for GEMMs after the loop.
 template <typename T>
 void time_lstm_backward_block(int variant, TimeLstmLayout L, const Schedule& s, RowBlock blk,
                               int64_t H, const RecurrentWeight<T>& w_hh, const T* peep,
                               const T* time_w,
                               const T* gates, const T* cells, const T* cts, const T* c0,
                               const T* grad_out, const T* dt, T* dh_state, T* dc_state, T* dgates,
-                              T* grad_dt, TimeLstmGradAcc<T> acc,
-                              const PrevStateGather<T>& xh_gather, WeightGradChunks<T>* chunks) {
+                              T* grad_dt, TimeLstmGradAcc<T> acc, WeightGradChunks<T>* chunks) {
   const int64_t G = L.gates * H, Gh = L.h_gates * H;
   for (int64_t k = s.steps - 1; k >= 0; --k) {
     const int64_t t = s.time_at(k);
@@ -355,7 +355,7 @@ void time_lstm_backward_block(int variant, TimeLstmLayout L, const Schedule& s, 
     recurrent_gemm<T>(n, Gh, H, dg, G, w_hh, dh_state + blk.lo * H, H, /*accumulate=*/false);
     add_column_sums(dg, G, 0, n, acc.bias_sums);
     if (chunks != nullptr)
-      chunks->step_done(s, xh_gather, k, t, blk.lo, n);
+      chunks->step_done(s, *acc.h_gather, k, t, blk.lo, n);
     else
       acc.h_gather->rows(s, k, t, blk.lo, n);
   }
@@ -751,11 +751,10 @@ time_lstm_backward_cpu(const c10::optional<at::Tensor>& grad_output,
   at::Tensor sums = at::zeros({nb, 6, H}, opts), scratch = at::empty({nb, H}, opts);
   at::Tensor bias_sums = at::zeros({nb, G}, opts);
   const int64_t I = input.size(1);
-  const bool stream = stream_weight_grads(blocks, (G * I + Gh * H) * input.element_size());
-  std::optional<StreamedGradBuffers> streamed;  // dW_hh from the h gates' columns (first Gh)
-  if (stream)
-    streamed.emplace(blocks, G, Gh, I, H, /*one_matrix=*/false, /*hidden_side=*/false, input_grad,
-                     d.N, opts);
+  // dW_hh from the h gates' columns (the first Gh).
+  const auto streamed = StreamedGradBuffers::for_call(blocks, G, Gh, I, H, /*hidden_side=*/false,
+                                                      input_grad, d.N, opts);
+  const bool stream = streamed.has_value();
   at::Tensor dgates = stream ? at::Tensor() : workspace_empty({d.N, G}, opts);
   at::Tensor h_prev = stream ? at::Tensor() : workspace_empty({d.N, H}, opts);
   at::Tensor x_c = stream ? input.contiguous() : at::Tensor();
@@ -764,12 +763,11 @@ time_lstm_backward_cpu(const c10::optional<at::Tensor>& grad_output,
     const auto w_hh_r = RecurrentWeight<scalar_t>::prepare(w_hh_c, isa);
     const auto w_ih_r = stream && input_grad ? RecurrentWeight<scalar_t>::prepare(w_ih, isa)
                                              : RecurrentWeight<scalar_t>();
-    const PrevStateGather<scalar_t> h_gather{nullptr, 0, out_c.data_ptr<scalar_t>(),
+    // Streamed: [x, h_prev] rows for the chunks; else h_prev rows into the (N, H) matrix.
+    const PrevStateGather<scalar_t> h_gather{stream ? x_c.data_ptr<scalar_t>() : nullptr,
+                                             stream ? I : 0, out_c.data_ptr<scalar_t>(),
                                              h0_c.data_ptr<scalar_t>(), H,
                                              stream ? nullptr : h_prev.data_ptr<scalar_t>()};
-    const PrevStateGather<scalar_t> xh_gather{stream ? x_c.data_ptr<scalar_t>() : nullptr, I,
-                                              out_c.data_ptr<scalar_t>(),
-                                              h0_c.data_ptr<scalar_t>(), H, nullptr};
     for_blocks_indexed(blocks, [&](const RowBlock& blk, int64_t i) {
       auto chunks = stream ? streamed->block<scalar_t>(i, &w_ih_r) : WeightGradChunks<scalar_t>();
       time_lstm_backward_block<scalar_t>(
@@ -783,7 +781,7 @@ time_lstm_backward_cpu(const c10::optional<at::Tensor>& grad_output,
           TimeLstmGradAcc<scalar_t>{sums.data_ptr<scalar_t>() + i * 6 * H,
                                     scratch.data_ptr<scalar_t>() + i * H,
                                     bias_sums.data_ptr<scalar_t>() + i * G, &h_gather, 0},
-          xh_gather, stream ? &chunks : nullptr);
+          stream ? &chunks : nullptr);
     });
   });
   at::Tensor unit_grads = sums.sum(0);  // (6, H): p_i, p_f, p_o, w_t1, w_t2, w_o
